@@ -1,0 +1,27 @@
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .install.stamp
+
+.PHONY: install test demo bench lint clean
+
+# Re-install only when the project's install files change.
+$(STAMP): pyproject.toml constraints.txt
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PYTHON) -m pytest -n 2 tests
+
+demo: install
+	bash scripts/demo.sh
+
+bench: install
+	$(PYTHON) benchmarks/run_all.py
+
+lint: install
+	$(PYTHON) -m compileall -q dcomp tests benchmarks
+
+clean:
+	rm -rf $(STAMP) build *.egg-info .pytest_cache demo-out

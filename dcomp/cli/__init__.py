@@ -1,0 +1,1 @@
+"""The command-line interface: thin modules over the library (see app.py)."""

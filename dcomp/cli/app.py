@@ -1,0 +1,155 @@
+"""The ``dcomp`` command: global options, error handling, and the sub-commands.
+
+Each sub-command lives in its own module and only parses, calls the library, and renders.
+Global options may stand before or after the sub-command (``dcomp eval m.pt --json`` works):
+``DcompGroup`` moves them in front before click parses.
+
+Errors: a ``DcompError`` prints ``error: <message>`` on stderr and exits 1 (``UsageError``: 2);
+click usage errors exit 2 with one line; anything unexpected prints one line that says to rerun
+with ``--debug``, which shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from dcomp import __version__
+from dcomp.cli import common
+from dcomp.errors import DcompError
+
+# Global options: name -> takes a value.
+GLOBAL_OPTIONS = {"--json": False, "--quiet": False, "-q": False, "--debug": False, "--trust-pickle": False,
+                  "--seed": True, "--threads": True, "--device": True}
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """Move global options found after the sub-command name in front of it."""
+    front: list[str] = []
+    rest: list[str] = []
+    seen_command = False
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if tok == "--":
+            rest.extend(args[i:])
+            break
+        name = tok.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS:
+            takes_value = GLOBAL_OPTIONS[name] and "=" not in tok
+            chunk = args[i:i + 2] if takes_value else [tok]
+            (front if seen_command else rest).extend(chunk)
+            i += len(chunk)
+            continue
+        if not seen_command and not tok.startswith("-"):
+            seen_command = True
+        rest.append(tok)
+        i += 1
+    return front + rest
+
+
+class DcompGroup(TyperGroup):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        args = hoist_global_options(args)
+        debug = "--debug" in args or common.env_flag("DCOMP_DEBUG")
+        err = common.error_console()
+        try:
+            super().main(args=args, prog_name=prog_name or "dcomp", complete_var=complete_var,
+                         standalone_mode=False, **extra)
+            code = 0
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.exceptions.Abort:
+            err.print("aborted")
+            code = 130
+        except click.ClickException as e:
+            hint = ""
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                hint = f" (see '{e.ctx.command_path} --help')"
+            err.print(f"error: {e.format_message()}{hint}", markup=False)
+            code = e.exit_code
+        except DcompError as e:
+            if debug:
+                traceback.print_exc()
+            err.print(f"error: {e}", markup=False)
+            code = e.exit_code
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            code = 130
+        except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            if debug:
+                traceback.print_exc()
+            first = (str(e).splitlines() or [""])[0]
+            err.print(f"error: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", markup=False)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=DcompGroup,
+    name="dcomp",
+    help="Deep Compression for PyTorch models: prune, retrain, quantize, pack, benchmark.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool):
+    if value:
+        print(f"dcomp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def global_options(
+    json_: Annotated[bool, typer.Option("--json", help="print a machine-readable JSON summary")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables on stderr")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="random seed (training, sampling, initialisation)")] = 0,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch and onnxruntime")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto")] = "cpu",
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="allow loading pickled models (runs code from the file)")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
+):
+    """Global options; they may also follow the sub-command."""
+    import torch
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise typer.BadParameter(f"--device must be cpu, cuda or auto, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DcompError("--device cuda: no CUDA device is available here; use --device cpu")
+    resolved = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    common.state = common.GlobalOptions(json=json_, quiet=quiet, debug=debug, seed=seed, threads=threads,
+                                        device=resolved, trust_pickle=trust_pickle)
+    common.threads_env()
+
+
+def _register() -> None:
+    from dcomp.cli import eval as eval_cmd
+    from dcomp.cli import info, train, zoo
+
+    app.command("train", help=train.__doc__)(train.train)
+    app.command("eval", help=eval_cmd.__doc__)(eval_cmd.eval_)
+    app.command("info", help=info.__doc__)(info.info)
+    app.command("zoo", help=zoo.__doc__)(zoo.zoo)
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

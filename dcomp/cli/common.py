@@ -1,0 +1,220 @@
+"""What every command shares: global options, the stderr console, reading model input from a
+path or stdin, writing output to a path or stdout, --json summaries, and option types that
+several commands declare (so each is defined once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from dcomp.errors import DcompError, UsageError
+
+
+@dataclass
+class GlobalOptions:
+    json: bool = False
+    quiet: bool = False
+    debug: bool = False
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+    trust_pickle: bool = False
+    stdout_taken: bool = False  # a binary output went to stdout: JSON goes to stderr then
+
+
+state = GlobalOptions()
+
+
+def console() -> Console:
+    """Human output: stderr, so stdout stays free for checkpoints in pipes. NO_COLOR is respected."""
+    return Console(stderr=True, quiet=state.quiet, highlight=False, soft_wrap=False)
+
+
+def error_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def log(msg: str) -> None:
+    console().print(msg)
+
+
+# ---- input ---------------------------------------------------------------------------------
+
+@dataclass
+class Input:
+    data: bytes
+    source: str            # the path, or "<stdin>"
+    path: Path | None      # None for stdin
+
+
+def read_input(path: Optional[str], what: str = "a model file") -> Input:
+    """Read from PATH, or stdin when PATH is '-' or omitted and stdin is not a terminal."""
+    if path is None or path == "-":
+        if path is None and sys.stdin.isatty():
+            raise UsageError(f"no input: give {what} as an argument, or pipe one in")
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise UsageError(f"no input: stdin was empty (give {what} as an argument, or pipe one in)")
+        return Input(data, "<stdin>", None)
+    p = Path(path)
+    if not p.exists():
+        raise DcompError(f"{path}: no such file")
+    if p.is_dir():
+        raise DcompError(f"{path}: is a directory, expected {what}")
+    return Input(p.read_bytes(), str(path), p)
+
+
+# ---- output --------------------------------------------------------------------------------
+
+@dataclass
+class Sink:
+    """Where a command's binary output goes; decided before any work so a bad -o fails fast."""
+
+    path: Path | None  # None = stdout
+
+    def write(self, data: bytes) -> str:
+        from dcomp.formats.checkpoint import atomic_write
+
+        if self.path is None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            return "<stdout>"
+        atomic_write(self.path, data)
+        return str(self.path)
+
+
+def plan_output(output: Optional[str], inp: Input | None = None, what: str = "checkpoint") -> Sink:
+    if output == "-" or (output is None and not sys.stdout.isatty()):
+        state.stdout_taken = True
+        return Sink(None)
+    if output is None:
+        raise UsageError(f"where should the {what} go? give -o PATH, or pipe stdout into another command")
+    p = Path(output)
+    if inp is not None and inp.path is not None and p.exists() and p.resolve() == inp.path.resolve():
+        raise UsageError(f"-o {output} would overwrite the input; choose another output path")
+    if p.is_dir():
+        raise UsageError(f"-o {output} is a directory; give a file name")
+    if not p.parent.exists():
+        raise UsageError(f"-o {output}: folder {p.parent} does not exist")
+    return Sink(p)
+
+
+# ---- summaries -----------------------------------------------------------------------------
+
+def emit(summary: dict[str, Any], human: Callable[[Console], None] | None = None) -> None:
+    """--json: print ``summary`` as JSON (stdout, or stderr when stdout carries binary output).
+    Otherwise call ``human`` with the stderr console."""
+    if state.json:
+        text = json.dumps(summary, indent=2, default=_json_default)
+        stream = sys.stderr if state.stdout_taken else sys.stdout
+        print(text, file=stream, flush=True)
+    elif human is not None:
+        human(console())
+
+
+def _json_default(o: Any):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+# ---- model loading shared by the stage commands ------------------------------------------------
+
+def load_checkpoint(inp: Input, arch: str | None = None, arch_kwargs: str | None = None,
+                    data: str | None = None, resize: int | None = None):
+    """Any accepted model file -> Checkpoint. --data/--resize give the input shape where the
+    file does not (state_dicts, TorchScript); the dataset is then recorded in the checkpoint."""
+    from dcomp.data import load_dataset
+    from dcomp.formats.model_input import load_model, parse_arch_kwargs
+
+    used: dict = {}
+
+    def shape_of():
+        ds = load_dataset(data or "digits", resize)
+        used.update(spec=ds.spec, resize=resize)
+        return list(ds.input_shape), ds.num_classes
+
+    ckpt = load_model(inp.data, inp.source, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                      trust_pickle=state.trust_pickle, shape_of=shape_of)
+    if used:
+        ckpt.data = used
+    return ckpt
+
+
+def dataset_for(ckpt, data: str | None, resize: int | None):
+    """The dataset a command uses: --data if given, else the one the model was trained on."""
+    from dcomp.data import load_dataset
+
+    if data is None:
+        data = ckpt.data.get("spec") or "digits"
+        if resize is None:
+            resize = ckpt.data.get("resize")
+    ds = load_dataset(data, resize)
+    if list(ds.input_shape) != list(ckpt.input_shape):
+        raise UsageError(
+            f"data {data} has input shape {list(ds.input_shape)} but the model takes {list(ckpt.input_shape)}"
+            f" (use --resize or another --data)"
+        )
+    if ds.num_classes > ckpt.num_classes:
+        raise UsageError(f"data {data} has {ds.num_classes} classes but the model outputs {ckpt.num_classes}")
+    return ds
+
+
+def threads_env() -> None:
+    """Apply --threads to torch (and record it for onnxruntime sessions)."""
+    import torch
+
+    if state.threads is not None:
+        torch.set_num_threads(state.threads)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ---- option types declared by several commands ---------------------------------------------------
+
+InputArg = Annotated[Optional[str], typer.Argument(help="model file (path, or '-' / omitted to read stdin)", show_default=False)]
+OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="output path ('-' or omitted with a piped stdout: stdout)", show_default=False)]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture for a plain state_dict: zoo name or package.module:factory")]
+ArchKwargsOpt = Annotated[Optional[str], typer.Option("--arch-kwargs", help="factory arguments: JSON object or k=v,k=v")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="dataset: digits, idx:DIR, npz:FILE, synthetic[:N] (default: the model's own, else digits)")]
+ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="rescale images to HxH")]
+
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=0, help="passes over the training set")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="samples per step")]
+LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="learning rate")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd, adam or adamw")]
+MomentumOpt = Annotated[float, typer.Option("--momentum", help="SGD momentum")]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", min=0.0, help="L2 weight decay")]
+LrScheduleOpt = Annotated[str, typer.Option("--lr-schedule", help="cosine, step or constant")]
+SelectOpt = Annotated[str, typer.Option("--select", help="keep the 'last' epoch or the 'best' on a validation split")]
+
+
+def train_config(**values):
+    """Build a TrainConfig from CLI option values, turning validation errors into one line."""
+    from pydantic import ValidationError
+
+    from dcomp.train import TrainConfig
+
+    try:
+        return TrainConfig(**values)
+    except ValidationError as e:
+        raise UsageError(pydantic_message(e)) from None
+
+
+def pydantic_message(e) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "value"
+    return f"--{where.replace('_', '-')}: {err['msg']} (got {err.get('input')!r})"

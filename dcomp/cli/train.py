@@ -1,0 +1,85 @@
+"""Train a model from scratch (the dense baseline that compression starts from)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+import typer
+
+from dcomp.cli import common
+from dcomp.cli.common import (ArchKwargsOpt, BatchSizeOpt, DataOpt, EpochsOpt, LrOpt, LrScheduleOpt, MomentumOpt,
+                              OptimizerOpt, OutputOpt, ResizeOpt, SelectOpt, WeightDecayOpt)
+from dcomp.cli.ui import TrainProgress, kv_table
+
+
+def train(
+    arch: Annotated[str, typer.Option("--arch", help="zoo name (see `dcomp zoo`) or package.module:factory")] = "lenet-300-100",
+    arch_kwargs: ArchKwargsOpt = None,
+    data: DataOpt = None,
+    resize: ResizeOpt = None,
+    epochs: EpochsOpt = 20,
+    batch_size: BatchSizeOpt = 64,
+    lr: LrOpt = 0.1,
+    optimizer: OptimizerOpt = "sgd",
+    momentum: MomentumOpt = 0.9,
+    weight_decay: WeightDecayOpt = 5e-4,
+    lr_schedule: LrScheduleOpt = "cosine",
+    select: SelectOpt = "last",
+    output: OutputOpt = None,
+):
+    from dcomp.data import load_dataset
+    from dcomp.formats.checkpoint import Checkpoint
+    from dcomp.formats.model_input import parse_arch_kwargs
+    from dcomp.models import ZOO, build_zoo, import_factory
+    from dcomp.train import evaluate, fit
+
+    cfg = common.train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                              weight_decay=weight_decay, lr_schedule=lr_schedule, select=select)
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    rank = _rank()
+    sink = common.plan_output(output) if rank == 0 else None
+    ds = load_dataset(data or "digits", resize)
+    torch.manual_seed(common.state.seed)
+    if arch in ZOO:
+        model = build_zoo(arch, ds.input_shape, ds.num_classes, **kwargs)
+        arch_d = {"kind": "zoo", "name": arch, "kwargs": kwargs}
+    elif ":" in arch:
+        model = import_factory(arch)(**kwargs)
+        arch_d = {"kind": "import", "target": arch, "kwargs": kwargs}
+    else:
+        raise common.UsageError(f"unknown architecture {arch!r}: zoo models are {', '.join(ZOO)} (or use package.module:factory)")
+
+    con = common.console()
+    progress = TrainProgress(con, "train") if rank == 0 else None
+    result = fit(model, ds, cfg, seed=common.state.seed, progress=progress)
+    test = evaluate(model, ds.x_test, ds.y_test)
+
+    ckpt = Checkpoint(arch=arch_d, state_dict={}, input_shape=list(ds.input_shape), num_classes=ds.num_classes,
+                      data={"spec": ds.spec, "resize": resize})
+    ckpt.update_from_model(model)
+    metrics = {"test_top1": test["top1"], "test_loss": test["loss"], "final_train_loss": result.history[-1]["loss"] if result.history else None}
+    if result.best_epoch is not None:
+        metrics["best_epoch"] = result.best_epoch
+    if result.masks_identical is not None:
+        metrics["ranks"] = torch.distributed.get_world_size()
+        metrics["masks_identical"] = result.masks_identical
+    ckpt.add_provenance("train", {"arch": arch, "arch_kwargs": kwargs, "data": ds.spec, "resize": resize,
+                                  "seed": common.state.seed, **cfg.model_dump()}, metrics)
+    if rank != 0:
+        return
+    dest = sink.write(ckpt.to_bytes())
+    summary = {"output": dest, "arch": arch, "data": ds.describe(), "params": ckpt.param_count(),
+               "test": test, "epochs": cfg.epochs, **({"best_epoch": result.best_epoch} if result.best_epoch else {})}
+    if result.masks_identical is not None:
+        summary["ranks"] = metrics["ranks"]
+        summary["masks_identical"] = True
+    common.emit(summary, lambda c: c.print(kv_table("trained", {
+        "arch": arch, "data": ds.spec, "params": ckpt.param_count(),
+        "test top-1 %": test["top1"], "test loss": test["loss"], "output": dest})))
+
+
+def _rank() -> int:
+    from dcomp.train import dist_info
+
+    return dist_info()[0]

@@ -1,0 +1,275 @@
+"""The dcomp checkpoint: what every stage reads and writes.
+
+A checkpoint is a ``torch.save``-d dict of plain data and tensors only, so it loads with
+``torch.load(weights_only=True)`` and loading never runs code. Layout (version 1):
+
+    format        "dcomp-checkpoint"
+    version       1
+    arch          how to rebuild the model, one of
+                    {"kind": "zoo", "name": str, "kwargs": dict}
+                    {"kind": "import", "target": "pkg.mod:factory", "kwargs": dict}
+                    {"kind": "torchscript", "archive": uint8 tensor}
+                    {"kind": "pickle", "archive": uint8 tensor}   (rebuilding needs --trust-pickle)
+    input_shape   list[int] without the batch dimension
+    num_classes   int
+    data          {"spec": str, "resize": int | None} the model was trained on, or {}
+    state_dict    {name: tensor}: every parameter and buffer, at its current (maybe shrunk) shape
+    masks         {param name: bool tensor}: False = pruned; the weight there is exactly 0
+    quant         {param name: {"bits": int, "codebook": float32 (k,), "assignments": int tensor
+                   shaped like the weight}}: weight == where(mask, codebook[assignments], 0)
+    provenance    list of {"stage", "params", "metrics", "dcomp_version", "time"}
+
+Shapes need no separate table: a structurally shrunk model rebuilds because the factory's
+layers are resized to the stored weights (dcomp.models.conform_to_state_dict).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcomp import __version__
+from dcomp.errors import DcompError, FormatError
+
+FORMAT_NAME = "dcomp-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    arch: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    input_shape: list[int]
+    num_classes: int
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    quant: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+
+    # ---- building and updating -------------------------------------------------------
+
+    def build_model(self, trust_pickle: bool = False) -> nn.Module:
+        """Rebuild the model at the stored shapes with the stored weights, in eval mode."""
+        from dcomp.models import build_zoo, conform_to_state_dict, import_factory
+
+        kind = self.arch.get("kind")
+        if kind == "zoo":
+            model = build_zoo(self.arch["name"], self.input_shape, self.num_classes, **self.arch.get("kwargs", {}))
+        elif kind == "import":
+            model = import_factory(self.arch["target"])(**self.arch.get("kwargs", {}))
+        elif kind == "torchscript":
+            model = torch.jit.load(io.BytesIO(self.arch["archive"].numpy().tobytes()), map_location="cpu")
+        elif kind == "pickle":
+            if not trust_pickle:
+                raise DcompError(
+                    "this checkpoint's architecture is a pickled Python object; rebuilding it runs code "
+                    "from the file. Pass --trust-pickle if you trust where it came from"
+                )
+            model = torch.load(io.BytesIO(self.arch["archive"].numpy().tobytes()), weights_only=False)
+        else:
+            raise FormatError(f"checkpoint has an unknown architecture kind {kind!r}")
+        if kind in ("zoo", "import"):
+            conform_to_state_dict(model, self.state_dict)
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise DcompError(f"weights do not fit the architecture: {' '.join(first[:2])}") from None
+        return model.eval()
+
+    def update_from_model(self, model: nn.Module) -> None:
+        """Take the model's current weights (and shapes) into the checkpoint."""
+        self.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def add_provenance(self, stage: str, params: dict[str, Any] | None = None,
+                       metrics: dict[str, Any] | None = None) -> None:
+        self.provenance.append({
+            "stage": stage,
+            "params": _plain(params or {}),
+            "metrics": _plain(metrics or {}),
+            "dcomp_version": __version__,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        })
+
+    def copy(self) -> "Checkpoint":
+        return copy.deepcopy(self)
+
+    # ---- numbers ---------------------------------------------------------------------
+
+    def param_names(self) -> list[str]:
+        """Names of the learnable parameters (state_dict entries that are not buffers)."""
+        buffers = ("running_mean", "running_var", "num_batches_tracked")
+        return [k for k in self.state_dict if not k.endswith(buffers)]
+
+    def param_count(self) -> int:
+        return sum(self.state_dict[k].numel() for k in self.param_names())
+
+    def nonzero_count(self) -> int:
+        return sum(int(torch.count_nonzero(self.state_dict[k])) for k in self.param_names())
+
+    # ---- serialisation ---------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "arch": self.arch,
+            "input_shape": [int(s) for s in self.input_shape],
+            "num_classes": int(self.num_classes),
+            "data": self.data,
+            "state_dict": self.state_dict,
+            "masks": self.masks,
+            "quant": self.quant,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "checkpoint") -> "Checkpoint":
+        version = d.get("version")
+        if not isinstance(version, int):
+            raise FormatError(f"{source}: checkpoint has no format version")
+        if version > FORMAT_VERSION:
+            raise FormatError(
+                f"{source}: checkpoint format version {version} is newer than this dcomp reads "
+                f"({FORMAT_VERSION}); upgrade dcomp"
+            )
+        if version < 1:
+            raise FormatError(f"{source}: unknown checkpoint format version {version}")
+        try:
+            return cls(
+                arch=d["arch"], state_dict=d["state_dict"], input_shape=list(d["input_shape"]),
+                num_classes=int(d["num_classes"]), masks=d.get("masks", {}), quant=d.get("quant", {}),
+                data=d.get("data", {}), provenance=list(d.get("provenance", [])),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{source}: checkpoint is missing or has a bad field ({e})") from None
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self.to_dict(), buf)
+        return buf.getvalue()
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write atomically (temporary file in the same folder, then rename). Returns bytes written."""
+        data = self.to_bytes()
+        atomic_write(Path(path), data)
+        return len(data)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    if path.is_dir():
+        raise DcompError(f"{path}: is a directory; give a file name for the output")
+    if not path.parent.exists():
+        raise DcompError(f"{path.parent}: output folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _plain(obj: Any) -> Any:
+    """Make provenance entries plain data (what weights_only loading accepts)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    return str(obj)
+
+
+# ---- reading any model file ----------------------------------------------------------------
+
+def sniff(data: bytes) -> str:
+    """Tell what a model file is from its bytes: dcz, torchscript, torch, safetensors or unknown."""
+    from dcomp.formats import DCZ_MAGIC
+
+    if data.startswith(DCZ_MAGIC):
+        return "dcz"
+    if data.startswith(b"PK\x03\x04"):
+        try:
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except zipfile.BadZipFile:
+            return "torch"  # torch.load will report the corruption
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        return "torch"
+    if len(data) >= 10 and data[8:9] == b"{":
+        n = int.from_bytes(data[:8], "little")
+        if 0 < n <= len(data) - 8:
+            return "safetensors"
+    if data[:1] == b"\x80":  # legacy (non-zip) torch.save / raw pickle
+        return "torch"
+    return "unknown"
+
+
+def torch_load_plain(data: bytes, source: str) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors for corrupt and pickled files."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Unsupported global" in msg or "GLOBAL" in msg or "weights_only" in msg.lower():
+            raise PickledObjectError(source) from None
+        raise FormatError(f"{source}: corrupt torch file ({msg.splitlines()[0] if msg else 'unpickling failed'})") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        first = (str(e).splitlines() or ["unreadable"])[0]
+        raise FormatError(f"{source}: truncated or corrupt torch file ({first})") from None
+
+
+class PickledObjectError(DcompError):
+    def __init__(self, source: str):
+        super().__init__(
+            f"{source} holds a pickled Python object (such as a whole nn.Module); loading it runs code "
+            f"stored in the file. If you trust the file pass --trust-pickle; better, save "
+            f"model.state_dict() and pass --arch, or save TorchScript"
+        )
+
+
+def read_checkpoint(data: bytes, source: str = "input") -> Checkpoint:
+    """Read a dcomp checkpoint or a .dcz file from bytes (other model files: model_input.load_model)."""
+    kind = sniff(data)
+    if kind == "dcz":
+        from dcomp.formats import dcz
+
+        return dcz.read_bytes(data, source=source)
+    if kind != "torch":
+        raise FormatError(f"{source}: not a dcomp checkpoint or .dcz file")
+    obj = torch_load_plain(data, source)
+    if not is_checkpoint_dict(obj):
+        raise FormatError(
+            f"{source}: a torch file but not a dcomp checkpoint (a plain state_dict needs --arch)"
+        )
+    return Checkpoint.from_dict(obj, source)
+
+
+def is_checkpoint_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT_NAME

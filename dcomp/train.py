@@ -1,0 +1,283 @@
+"""The one training loop.
+
+Training from scratch, retraining with masks, centroid fine-tuning, sparsification schedules and
+distillation all run through ``fit``; what differs between them is a list of callbacks:
+
+    before_batch(ctx)                      before the forward pass (e.g. DNS swaps in W*T)
+    compute_loss(ctx, x, out, y, loss)     returns the loss to minimise (KD, regularisers)
+    after_backward(ctx)                    gradients are ready (masking, per-cluster sums)
+    after_step(ctx)                        the optimizer has stepped (re-masking, mask updates)
+    on_epoch_end(ctx)
+
+Masks are kept by the built-in ``MaskKeeper``: gradients of pruned weights are zeroed after
+backward and the weights are re-masked after every step, so pruned weights stay exactly zero
+whatever the optimizer's momentum or weight decay does.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel over gloo,
+each rank takes its own slice of every epoch's permutation, masks are broadcast from rank 0
+at the start, and their checksums are compared across ranks at the end (``masks_identical``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from dcomp.data import Dataset
+from dcomp.errors import DcompError
+
+
+class TrainConfig(BaseModel):
+    """Options of every command that trains (train, retrain, fine-tuning stages)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=0, description="passes over the training set")
+    batch_size: int = Field(64, ge=1, description="samples per step (per rank under torchrun)")
+    lr: float = Field(0.1, gt=0, description="learning rate")
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
+    lr_schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="learning-rate schedule over all steps")
+    select: Literal["last", "best"] = Field("last", description="keep the last epoch, or the best on a validation split")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="training data held out when select=best")
+
+
+@dataclass
+class TrainContext:
+    model: nn.Module                 # the bare model (not the DDP wrapper)
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    masks: dict[str, torch.Tensor]
+    params: dict[str, nn.Parameter]  # name -> parameter of the bare model
+    steps_per_epoch: int
+    total_steps: int
+    rank: int = 0
+    world_size: int = 1
+    step: int = 0                    # optimizer steps taken so far
+    epoch: int = 0
+    state: dict[str, Any] = field(default_factory=dict)  # scratch space for callbacks
+
+    def broadcast_masks(self) -> None:
+        """Make every rank hold rank 0's masks (call after changing masks under DDP)."""
+        if self.world_size > 1:
+            for name in sorted(self.masks):
+                m = self.masks[name].to(torch.uint8)
+                torch.distributed.broadcast(m, src=0)
+                self.masks[name] = m.bool()
+
+
+class Callback:
+    def on_train_begin(self, ctx: TrainContext) -> None: ...
+    def before_batch(self, ctx: TrainContext) -> None: ...
+    def compute_loss(self, ctx: TrainContext, x, out, y, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+    def after_backward(self, ctx: TrainContext) -> None: ...
+    def after_step(self, ctx: TrainContext) -> None: ...
+    def on_epoch_end(self, ctx: TrainContext) -> None: ...
+    def on_train_end(self, ctx: TrainContext) -> None: ...
+
+
+class MaskKeeper(Callback):
+    """Pruned weights stay exactly zero: no gradient, and re-masked after every step."""
+
+    def on_train_begin(self, ctx):
+        ctx.broadcast_masks()
+        self.after_step(ctx)
+
+    def after_backward(self, ctx):
+        for name, m in ctx.masks.items():
+            p = ctx.params[name]
+            if p.grad is not None:
+                p.grad.mul_(m)
+
+    @torch.no_grad()
+    def after_step(self, ctx):
+        for name, m in ctx.masks.items():
+            ctx.params[name].mul_(m)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]
+    best_epoch: int | None
+    masks_identical: bool | None = None  # under DDP: checksums equal on every rank
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size); initialises a gloo process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
+    """Top-1 (and top-5 when there are more than 5 classes) accuracy in percent, and mean loss."""
+    was_training = model.training
+    model.eval()
+    n, correct1, correct5, loss_sum, classes = len(x), 0, 0, 0.0, 0
+    for i in range(0, n, batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        out = model(xb)
+        classes = int(out.shape[1])
+        loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        correct1 += int((top[:, 0] == yb).sum())
+        correct5 += int((top == yb[:, None]).any(dim=1).sum())
+    model.train(was_training)
+    res = {"top1": 100.0 * correct1 / max(n, 1), "loss": loss_sum / max(n, 1), "samples": n}
+    if classes > 5:
+        res["top5"] = 100.0 * correct5 / max(n, 1)
+    return res
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    if cfg.lr_schedule == "constant" or total <= 0:
+        return 1.0
+    t = min(step / total, 1.0)
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    return 0.1 ** int(t * 3)  # step: /10 at 1/3 and 2/3 of training
+
+
+def _mask_checksum(masks: dict[str, torch.Tensor]) -> int:
+    crc = 0
+    for name in sorted(masks):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(masks[name].to(torch.uint8).numpy().tobytes(), crc)
+    return crc
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    masks: dict[str, torch.Tensor] | None = None,
+    callbacks: Sequence[Callback] = (),
+    seed: int = 0,
+    progress=None,
+    trainable: Sequence[nn.Parameter] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` under ``cfg``; see the module docstring.
+
+    ``progress`` is a ``dcomp.cli.ui.TrainProgress``-like object (or None for silence).
+    ``trainable`` restricts the optimizer to these parameters (default: all).
+    """
+    rank, world = dist_info()
+    masks = {k: v.bool() for k, v in (masks or {}).items()}
+    params = dict(model.named_parameters())
+    missing = [k for k in masks if k not in params]
+    if missing:
+        raise DcompError(f"masks name parameters the model does not have: {', '.join(missing[:3])}")
+
+    x_train, y_train = data.x_train, data.y_train
+    x_val = y_val = None
+    if cfg.select == "best":
+        x_train, y_train, x_val, y_val = data.split_validation(cfg.val_fraction)
+
+    n = len(x_train)
+    per_rank = math.ceil(n / world)
+    steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+
+    optimizer = make_optimizer(trainable if trainable is not None else model.parameters(), cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    runner: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model)
+
+    ctx = TrainContext(model=model, optimizer=optimizer, config=cfg, masks=masks, params=params,
+                       steps_per_epoch=steps_per_epoch, total_steps=total, rank=rank, world_size=world)
+    all_callbacks: list[Callback] = ([MaskKeeper()] if masks else []) + list(callbacks)
+    for cb in all_callbacks:
+        cb.on_train_begin(ctx)
+
+    history: list[dict[str, float]] = []
+    best_state, best_acc, best_epoch = None, -1.0, None
+    if progress is not None:
+        progress.start(cfg.epochs, steps_per_epoch)
+    model.train()
+    for epoch in range(cfg.epochs):
+        ctx.epoch = epoch
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+        mine = perm[rank::world]
+        loss_sum, correct, seen = 0.0, 0, 0
+        for i in range(0, len(mine), cfg.batch_size):
+            idx = mine[i:i + cfg.batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * _lr_factor(cfg, ctx.step, total)
+            for cb in all_callbacks:
+                cb.before_batch(ctx)
+            out = runner(xb)
+            loss = F.cross_entropy(out, yb)
+            for cb in all_callbacks:
+                loss = cb.compute_loss(ctx, xb, out, yb, loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for cb in all_callbacks:
+                cb.after_backward(ctx)
+            optimizer.step()
+            ctx.step += 1
+            for cb in all_callbacks:
+                cb.after_step(ctx)
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((out.argmax(1) == yb).sum())
+            seen += len(idx)
+            if progress is not None:
+                progress.advance(loss=loss_sum / seen, acc=100.0 * correct / seen)
+        for cb in all_callbacks:
+            cb.on_epoch_end(ctx)
+        rec = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1)}
+        if x_val is not None:
+            val = evaluate(model, x_val, y_val)
+            rec["val_top1"] = val["top1"]
+            if val["top1"] > best_acc:
+                best_acc, best_epoch = val["top1"], epoch + 1
+                best_state = copy.deepcopy(model.state_dict())
+        history.append(rec)
+        if progress is not None:
+            progress.epoch_done(rec)
+    for cb in all_callbacks:
+        cb.on_train_end(ctx)
+    if progress is not None:
+        progress.stop()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+
+    identical = None
+    if world > 1:
+        import torch.distributed as dist
+
+        sums = [None] * world
+        dist.all_gather_object(sums, _mask_checksum(ctx.masks))
+        identical = len(set(sums)) == 1
+        if not identical:
+            raise DcompError(f"masks diverged across ranks (checksums {sums}); this is a bug, please report it")
+    return TrainResult(history=history, best_epoch=best_epoch, masks_identical=identical)
