@@ -85,6 +85,8 @@ class Callback:
     def after_step(self, ctx: TrainContext) -> None: ...
     def on_epoch_end(self, ctx: TrainContext) -> None: ...
     def on_train_end(self, ctx: TrainContext) -> None: ...
+    def update_checkpoint(self, ckpt) -> None:
+        """After training: write what this callback owns (masks, codebooks) into the checkpoint."""
 
 
 class MaskKeeper(Callback):
@@ -110,6 +112,7 @@ class MaskKeeper(Callback):
 class TrainResult:
     history: list[dict[str, float]]
     best_epoch: int | None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # the masks at the end (schedules change them)
     masks_identical: bool | None = None  # under DDP: checksums equal on every rank
 
 
@@ -280,4 +283,4 @@ def fit(
         identical = len(set(sums)) == 1
         if not identical:
             raise DcompError(f"masks diverged across ranks (checksums {sums}); this is a bug, please report it")
-    return TrainResult(history=history, best_epoch=best_epoch, masks_identical=identical)
+    return TrainResult(history=history, best_epoch=best_epoch, masks=ctx.masks, masks_identical=identical)

@@ -136,12 +136,13 @@ def global_options(
 
 def _register() -> None:
     from dcomp.cli import eval as eval_cmd
-    from dcomp.cli import info, train, zoo
+    from dcomp.cli import info, retrain, train, zoo
 
     app.command("train", help=train.__doc__)(train.train)
     app.command("eval", help=eval_cmd.__doc__)(eval_cmd.eval_)
     app.command("info", help=info.__doc__)(info.info)
     app.command("zoo", help=zoo.__doc__)(zoo.zoo)
+    app.command("retrain", help=retrain.__doc__)(retrain.retrain)
 
 
 _register()
