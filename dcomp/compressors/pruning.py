@@ -1,0 +1,507 @@
+"""The prune stage: one config, one ``apply_prune``, every pruning method.
+
+Unstructured (a mask; pruned weights become exactly 0 and stay so when retrained):
+    magnitude  layer-wise: each layer loses exactly round(s * n) of its smallest |w|
+    global     one threshold over all selected layers: exactly round(s * total) pruned overall
+    std        Han et al.: prune |w| <= quality * std(layer weights); sparsity follows from the weights
+    nm         N:M semi-structured (default 2:4): N kept of every M consecutive input weights
+Structured (a smaller dense model; see dcomp.compressors.structured):
+    neuron     units of Linear layers, scored by the L2 norm of their weight rows
+    filter     filters of Conv2d layers, scored by their L1 norm (Li et al.)
+    channel    output channels of Conv2d layers, scored by the L1 norm of the input-channel
+               slices their consumers read (input-channel pruning, done by shrinking the producer)
+
+Per-layer control: ``layers`` maps a regex to the layer's own value (a sparsity; a quality for
+``std``; an N:M for ``nm``); the last matching regex wins and "0" leaves a layer dense.
+``exclude`` regexes leave layers dense; layers with fewer than ``min_weights`` weights are left
+dense unless a ``layers`` regex names them. Regexes are searched in the module name and the
+parameter name (``fc1`` matches ``fc1.weight``; ``^fc1$`` matches the module). Biases and
+BatchNorm are never pruned. The structured methods never remove the classifier's outputs.
+
+Iterative pruning (Han et al.): with ``rounds`` = N the target is reached in N steps,
+s_i = s * i / N (``schedule="linear"``) or s_i = s * (1 - (1 - i/N)^3) (``"cubic"``, Zhu & Gupta),
+each followed by ``retrain.epochs`` epochs of retraining with the masks kept.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dcomp.compressors.masks import prune_count
+from dcomp.compressors.nm import nm_applicable, nm_mask, parse_nm
+from dcomp.errors import DcompError, UsageError
+from dcomp.formats.checkpoint import Checkpoint
+from dcomp.stages import StageContext, StageResult
+from dcomp.train import TrainConfig
+
+SPARSITY_METHODS = ("magnitude", "global", "neuron", "filter", "channel")
+STRUCTURED = ("neuron", "filter", "channel")
+METHODS = ("magnitude", "global", "std", "nm", "neuron", "filter", "channel")
+
+
+class PruneConfig(BaseModel):
+    """Options of the prune stage (``dcomp prune`` and the recipe stage ``prune``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["magnitude", "global", "std", "nm", "neuron", "filter", "channel"] = "magnitude"
+    sparsity: float | None = Field(None, description="fraction of weights (or units) to remove, in [0, 1)")
+    quality: float | None = Field(None, description="std method: threshold = quality x std of the layer's weights")
+    nm: str | None = Field(None, description="nm method: keep N of every M consecutive weights, e.g. 2:4")
+    layers: dict[str, str] = Field(default_factory=dict, description="regex -> this layer's own value")
+    exclude: list[str] = Field(default_factory=list, description="regexes of layers to leave dense")
+    min_weights: int = Field(100, ge=0, description="leave layers with fewer weights dense")
+    rounds: int = Field(1, ge=1, description="iterative pruning: reach the target in this many steps")
+    schedule: Literal["linear", "cubic"] = Field("linear", description="how the target grows over the rounds")
+    retrain: TrainConfig | None = Field(None, description="retraining after each round (epochs per round)")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v):
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1) (0.9 removes 90% of the weights), got {v}")
+        return v
+
+    @field_validator("quality")
+    @classmethod
+    def _quality(cls, v):
+        if v is not None and not v > 0:
+            raise ValueError(f"quality must be > 0 (threshold = quality x std of the layer; Han used about 0.5-1.5), got {v}")
+        return v
+
+    @field_validator("nm")
+    @classmethod
+    def _nm(cls, v):
+        if v is not None:
+            parse_nm(v)
+        return v
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude(cls, v):
+        for rx in v:
+            _compile(rx, "--exclude")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        m = self.method
+        if m in SPARSITY_METHODS and self.sparsity is None:
+            raise ValueError(f"--method {m} needs --sparsity S in [0, 1), e.g. --sparsity {0.5 if m in STRUCTURED else 0.9}")
+        if m not in SPARSITY_METHODS and self.sparsity is not None:
+            raise ValueError(f"--sparsity does not apply to --method {m} "
+                             f"({'its threshold is --quality x std' if m == 'std' else 'give --nm N:M'})")
+        if m == "std" and self.quality is None:
+            raise ValueError("--method std needs --quality q (threshold = q x std of each layer's weights), e.g. --quality 1.0")
+        if m != "std" and self.quality is not None:
+            raise ValueError(f"--quality only applies to --method std, not {m}")
+        if m != "nm" and self.nm is not None:
+            raise ValueError(f"--nm only applies to --method nm, not {m}")
+        if m == "nm" and self.nm is None:
+            self.nm = "2:4"
+        for rx, val in self.layers.items():
+            _compile(rx, "--layer")
+            _parse_value(m, val, rx)
+        if self.rounds > 1:
+            if m == "nm":
+                raise ValueError("N:M pruning is one-shot: use --rounds 1, then retrain (--epochs-per-round or dcomp retrain)")
+            if self.retrain is None or self.retrain.epochs < 1:
+                raise ValueError("iterative pruning retrains between rounds: give --epochs-per-round E >= 1 (and --data)")
+        return self
+
+    def target(self) -> Any:
+        """The global value: sparsity, quality or (n, m)."""
+        if self.method in SPARSITY_METHODS:
+            return self.sparsity
+        if self.method == "std":
+            return self.quality
+        return parse_nm(self.nm)
+
+    def overrides(self) -> list[tuple[re.Pattern, Any, str]]:
+        return [(_compile(rx, "--layer"), _parse_value(self.method, v, rx), rx) for rx, v in self.layers.items()]
+
+
+def _compile(rx: str, opt: str) -> re.Pattern:
+    try:
+        return re.compile(rx)
+    except re.error as e:
+        raise ValueError(f"{opt} {rx!r} is not a valid regular expression ({e})") from None
+
+
+def _parse_value(method: str, val: Any, rx: str) -> Any:
+    """A --layer value: sparsity in [0,1), quality > 0 (0 = dense), or N:M ('0' = dense). 0/None = dense."""
+    text = str(val).strip()
+    if method == "nm":
+        if text in ("0", "dense"):
+            return None
+        try:
+            return parse_nm(text)
+        except ValueError as e:
+            raise ValueError(f"--layer {rx}={val}: {e}") from None
+    try:
+        x = float(text)
+    except ValueError:
+        raise ValueError(f"--layer {rx}={val}: the value must be a number") from None
+    if method == "std":
+        if x < 0:
+            raise ValueError(f"--layer {rx}={val}: quality must be >= 0 (0 leaves the layer dense)")
+    elif not 0.0 <= x < 1.0:
+        raise ValueError(f"--layer {rx}={val}: sparsity must be in [0, 1)")
+    return x if x > 0 else None
+
+
+def config_error(e) -> str:
+    """One line from a pydantic ValidationError of PruneConfig."""
+    err = e.errors()[0]
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
+    loc = [str(p) for p in err.get("loc", ()) if str(p) != "retrain"]
+    if loc and not msg.startswith("-"):
+        return f"--{loc[0].replace('_', '-')}: {msg}"
+    return msg
+
+
+# ---- choosing layers -----------------------------------------------------------------------------
+
+def _hits(rx: re.Pattern, param: str) -> bool:
+    module = param[:-len(".weight")] if param.endswith(".weight") else param
+    return bool(rx.search(module) or rx.search(param))
+
+
+@dataclass
+class LayerChoice:
+    name: str            # parameter name (unstructured) or producer module name (structured)
+    value: Any           # target for this layer, None = left dense
+    mode: str            # "layer", "global", or "" when dense
+    note: str = ""       # why left dense / override
+
+
+def choose_layers(names: dict[str, int], cfg: PruneConfig) -> list[LayerChoice]:
+    """Decide each layer's target. ``names`` maps layer name -> number of weights.
+    Raises UsageError for a regex that matches nothing, or when nothing is left to prune."""
+    if not names:
+        raise DcompError("the model has no prunable layers (Linear or Conv weights); nothing to prune")
+    excl = [(_compile(rx, "--exclude"), rx) for rx in cfg.exclude]
+    overrides = cfg.overrides()
+    for rx, _, text in overrides:
+        if not any(_hits(rx, n) for n in names):
+            raise UsageError(f"--layer {text!r} matches no prunable layer (layers: {_some(names)})")
+    for rx, text in excl:
+        if not any(_hits(rx, n) for n in names):
+            raise UsageError(f"--exclude {text!r} matches no prunable layer (layers: {_some(names)})")
+    out = []
+    for name, numel in names.items():
+        if any(_hits(rx, name) for rx, _ in excl):
+            out.append(LayerChoice(name, None, "", "excluded"))
+            continue
+        hit = [(v, t) for rx, v, t in overrides if _hits(rx, name)]
+        if hit:
+            v, t = hit[-1]
+            out.append(LayerChoice(name, v, "layer" if v is not None else "", f"--layer {t}"))
+        elif numel < cfg.min_weights:
+            out.append(LayerChoice(name, None, "", f"tiny (< {cfg.min_weights} weights)"))
+        else:
+            out.append(LayerChoice(name, cfg.target(), "global" if cfg.method == "global" else "layer"))
+    if not any(c.value is not None for c in out):
+        raise UsageError("no layer is left to prune after --exclude / --layer / --min-weights "
+                         f"(layers: {_some(names)})")
+    return out
+
+
+def _some(names) -> str:
+    names = list(names)
+    return ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+
+
+def schedule_fraction(i: int, rounds: int, schedule: str) -> float:
+    t = i / rounds
+    return t if schedule == "linear" else 1.0 - (1.0 - t) ** 3
+
+
+# ---- unstructured -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def unstructured_masks(weights: dict[str, torch.Tensor], choices: list[LayerChoice], method: str,
+                       frac: float = 1.0, current: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Masks (True = kept) for the chosen layers at ``frac`` of their target. Already-pruned weights
+    (``current``) stay pruned. Returns (masks, notes) where notes say why a layer was skipped."""
+    current = current or {}
+    masks: dict[str, torch.Tensor] = {}
+    notes: dict[str, str] = {}
+    pool: list[str] = []
+    for c in choices:
+        if c.value is None:
+            continue
+        w = weights[c.name]
+        cur = current.get(c.name)
+        if cur is not None and cur.shape != w.shape:
+            cur = None
+        if c.mode == "global":
+            pool.append(c.name)
+        elif method == "nm":
+            n, m = c.value
+            why = nm_applicable(w, m)
+            if why:
+                notes[c.name] = f"skipped: {why}"
+                continue
+            masks[c.name] = nm_mask(w, n, m, cur)
+        elif method == "std":
+            thr = float(c.value) * frac * float(w.float().std())
+            keep = w.abs() > thr
+            masks[c.name] = keep & cur if cur is not None else keep
+        else:
+            masks[c.name] = _layer_mask(w, float(c.value) * frac, cur)
+    if pool:
+        target = next(c.value for c in choices if c.mode == "global") * frac
+        masks.update(_global_masks({n: weights[n] for n in pool},
+                                   {n: current[n] for n in pool if n in current and current[n].shape == weights[n].shape},
+                                   target))
+    return masks, notes
+
+
+def _layer_mask(w: torch.Tensor, sparsity: float, cur: torch.Tensor | None) -> torch.Tensor:
+    from dcomp.compressors.masks import magnitude_mask
+
+    keep = magnitude_mask(w, sparsity, cur)
+    return keep & cur if cur is not None else keep
+
+
+def _global_masks(weights: dict[str, torch.Tensor], current: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """One threshold over all layers, exactly round(s * total) pruned (already pruned rank lowest)."""
+    from dcomp.compressors.masks import _threshold_mask
+
+    names = list(weights)
+    parts = []
+    for n in names:
+        s = weights[n].detach().abs().float().reshape(-1)
+        if n in current:
+            s = torch.where(current[n].reshape(-1), s, torch.full_like(s, -1.0))
+        parts.append(s)
+    flat = torch.cat(parts)
+    del parts
+    keep = _threshold_mask(flat, prune_count(flat.numel(), sparsity))
+    out, offset = {}, 0
+    for n in names:
+        size = weights[n].numel()
+        k = keep[offset:offset + size].reshape(weights[n].shape).clone()
+        out[n] = k & current[n] if n in current else k
+        offset += size
+    return out
+
+
+def _prunable_numels(ckpt: Checkpoint, trust_pickle: bool) -> dict[str, int]:
+    from dcomp.models import prunable_parameters
+
+    model = ckpt.build_model(trust_pickle=trust_pickle)
+    return {n: p.numel() for n, p in prunable_parameters(model).items() if n in ckpt.state_dict}
+
+
+def _prune_unstructured_round(ckpt: Checkpoint, choices, cfg: PruneConfig, frac: float) -> tuple[Checkpoint, dict[str, str]]:
+    out = ckpt.copy()
+    masks, notes = unstructured_masks(out.state_dict, choices, cfg.method, frac, ckpt.masks)
+    for name, keep in masks.items():
+        out.state_dict[name] = out.state_dict[name].masked_fill(~keep, 0)
+        out.masks[name] = keep
+    return out, notes
+
+
+def _unstructured_report(ckpt: Checkpoint, choices, notes) -> tuple[list[dict], dict]:
+    rows, total, pruned = [], 0, 0
+    for c in choices:
+        w = ckpt.state_dict[c.name]
+        m = ckpt.masks.get(c.name)
+        zeros = int(m.numel() - m.sum()) if m is not None else int(w.numel() - torch.count_nonzero(w))
+        n = w.numel()
+        note = notes.get(c.name, c.note)
+        rows.append({"layer": c.name, "shape": list(w.shape), "weights": n, "pruned": zeros,
+                     "sparsity": zeros / max(n, 1), "target": _plain_target(c.value), "note": note})
+        total += n
+        pruned += zeros
+    overall = {"prunable_weights": total, "pruned": pruned, "sparsity": pruned / max(total, 1),
+               "params": ckpt.param_count(), "nonzero": ckpt.nonzero_count()}
+    return rows, overall
+
+
+def _plain_target(v):
+    if isinstance(v, tuple):
+        return f"{v[0]}:{v[1]}"
+    return v
+
+
+# ---- structured --------------------------------------------------------------------------------------
+
+def _structured_choices(model, graph, cfg: PruneConfig) -> tuple[list[LayerChoice], dict[str, str]]:
+    """One choice per group (named by its first producer); notes for groups left alone."""
+    from torch import nn
+
+    want = "linear" if cfg.method == "neuron" else "conv"
+    numel = {}
+    for g in graph.groups:
+        numel[g.producers[0]] = sum(model.get_submodule(p).weight.numel() for p in g.producers)
+    # Regexes are checked against every Linear/Conv layer, so a regex naming a coupled layer counts.
+    all_layers = {p: model.get_submodule(p).weight.numel() for g in graph.groups for p in g.producers}
+    choices_all = choose_layers(all_layers, cfg.model_copy(update={"min_weights": 0}))
+    by_layer = {c.name: c for c in choices_all}
+    out, notes = [], {}
+    for g in graph.groups:
+        head = g.producers[0]
+        mods = [model.get_submodule(p) for p in g.producers]
+        kind_ok = all(isinstance(m, nn.Linear) for m in mods) if want == "linear" else all(isinstance(m, nn.Conv2d) for m in mods)
+        if g.blocked:
+            notes[head] = f"kept: {g.blocked}"
+            continue
+        if not kind_ok:
+            notes[head] = f"not a {'Linear' if want == 'linear' else 'Conv2d'} layer"
+            continue
+        cs = [by_layer[p] for p in g.producers]
+        if any(c.note == "excluded" for c in cs):
+            out.append(LayerChoice(head, None, "", "excluded"))
+            continue
+        ov = [c for c in cs if c.note.startswith("--layer")]
+        if ov:
+            out.append(LayerChoice(head, ov[-1].value, "layer" if ov[-1].value is not None else "", ov[-1].note))
+        elif numel[head] < cfg.min_weights:
+            out.append(LayerChoice(head, None, "", f"tiny (< {cfg.min_weights} weights)"))
+        else:
+            out.append(LayerChoice(head, cfg.sparsity, "layer"))
+    if not any(c.value is not None for c in out):
+        kind = "Linear" if want == "linear" else "Conv2d"
+        raise UsageError(f"--method {cfg.method}: no {kind} layer can lose units "
+                         f"({'; '.join(f'{k}: {v}' for k, v in list(notes.items())[:3]) or 'all excluded'})"
+                         + (" - use --method filter or channel for conv layers" if want == "linear" and not out else "")
+                         + (" - use --method neuron for Linear layers" if want == "conv" and not out else ""))
+    return out, notes
+
+
+def _prune_structured_round(ckpt: Checkpoint, cfg: PruneConfig, frac: float, orig: dict[str, int],
+                            trust: bool) -> tuple[Checkpoint, list[LayerChoice], dict[str, str]]:
+    from dcomp.compressors.structured import shrink_checkpoint, top_units, trace_dependencies, unit_scores
+
+    model = ckpt.build_model(trust_pickle=trust)
+    graph = trace_dependencies(model, ckpt.input_shape)
+    choices, notes = _structured_choices(model, graph, cfg)
+    keep = {}
+    for c in choices:
+        if c.value is None:
+            continue
+        g = graph.group(c.name)
+        c0 = orig.get(c.name, g.channels)
+        n_keep = max(1, c0 - prune_count(c0, float(c.value) * frac))
+        if n_keep < g.channels:
+            keep[c.name] = top_units(unit_scores(model, g, cfg.method), n_keep)
+    if not keep:
+        return ckpt.copy(), choices, notes
+    out, _ = shrink_checkpoint(ckpt, keep, model=model, graph=graph)
+    return out, choices, notes
+
+
+def _structured_report(before: Checkpoint, after: Checkpoint, groups_before, trust: bool) -> tuple[list[dict], dict]:
+    from torch import nn
+
+    rows = []
+    model_b = before.build_model(trust_pickle=trust)
+    for g in groups_before:
+        for p in g.producers:
+            wb = before.state_dict[f"{p}.weight"]
+            wa = after.state_dict[f"{p}.weight"]
+            rows.append({"layer": p, "shape_before": list(wb.shape), "shape_after": list(wa.shape),
+                         "units_before": int(wb.shape[0]), "units_after": int(wa.shape[0]),
+                         "weights_before": wb.numel(), "weights_after": wa.numel(),
+                         "note": g.blocked and "kept: " + g.blocked or ""})
+
+    def count(ck, types):
+        m = ck.build_model(trust_pickle=trust) if ck is not before else model_b
+        return sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, types))
+
+    overall = {"params_before": before.param_count(), "params_after": after.param_count(),
+               "conv_weights_before": count(before, nn.Conv2d), "conv_weights_after": count(after, nn.Conv2d),
+               "linear_weights_before": count(before, nn.Linear), "linear_weights_after": count(after, nn.Linear)}
+    overall["param_ratio"] = overall["params_after"] / max(overall["params_before"], 1)
+    if overall["conv_weights_before"]:
+        overall["conv_ratio"] = overall["conv_weights_after"] / overall["conv_weights_before"]
+    return rows, overall
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+
+def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = None) -> StageResult:
+    """Prune ``ckpt`` as ``cfg`` says (see the module doc); returns a new checkpoint and metrics."""
+    ctx = ctx or StageContext()
+    trust = ctx.trust_pickle
+    if ckpt.quant:
+        raise DcompError("this checkpoint is already quantized; prune before quantizing")
+    retraining = cfg.retrain is not None and cfg.retrain.epochs > 0
+    if retraining and ctx.data is None:
+        raise UsageError("retraining between rounds needs a dataset (--data)")
+    structured = cfg.method in STRUCTURED
+
+    # Decide the layers first: bad regexes fail before any work.
+    if structured:
+        from dcomp.compressors.structured import check_shrinkable, trace_dependencies
+
+        check_shrinkable(ckpt)
+        model = ckpt.build_model(trust_pickle=trust)
+        graph0 = trace_dependencies(model, ckpt.input_shape)
+        choices, notes = _structured_choices(model, graph0, cfg)
+        orig = {g.producers[0]: g.channels for g in graph0.groups}
+        del model
+    else:
+        numels = _prunable_numels(ckpt, trust)
+        choices = choose_layers(numels, cfg)
+        notes = {}
+
+    from dcomp.retrain import accuracy
+
+    history: list[dict[str, Any]] = []
+    top1_before = accuracy(ckpt, ctx.data, trust) if ctx.data is not None else None
+    out = ckpt
+    for i in range(1, cfg.rounds + 1):
+        frac = schedule_fraction(i, cfg.rounds, cfg.schedule)
+        if structured:
+            out, _, notes = _prune_structured_round(out, cfg, frac, orig, trust)
+        else:
+            out, notes = _prune_unstructured_round(out, choices, cfg, frac)
+        rec: dict[str, Any] = {"round": i, "fraction_of_target": frac}
+        if cfg.method in SPARSITY_METHODS:
+            rec["target"] = cfg.sparsity * frac
+        if ctx.data is not None:
+            rec["top1_pruned"] = accuracy(out, ctx.data, trust)
+        if retraining:
+            from dcomp.retrain import retrain
+
+            progress = None
+            if ctx.console is not None:
+                from dcomp.cli.ui import TrainProgress
+
+                progress = TrainProgress(ctx.console, f"retrain {i}/{cfg.rounds}")
+            out, _ = retrain(out, ctx.data, cfg.retrain, seed=ctx.seed + i, progress=progress, trust_pickle=trust)
+            rec["top1_retrained"] = accuracy(out, ctx.data, trust)
+        history.append(rec)
+        if ctx.console is not None and cfg.rounds > 1:
+            ctx.console.print(f"round {i}/{cfg.rounds}: " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k != "round"))
+
+    if structured:
+        rows, overall = _structured_report(ckpt, out, graph0.groups, trust)
+        for r in rows:
+            r["note"] = r["note"] or notes.get(r["layer"], "") or next(
+                (c.note for c in choices if c.name == r["layer"]), "")
+    else:
+        rows, overall = _unstructured_report(out, choices, notes)
+    metrics: dict[str, Any] = {"method": cfg.method, "structured": structured, "target": _plain_target(cfg.target()),
+                               "rounds": cfg.rounds, "layers": rows, "overall": overall}
+    if cfg.rounds > 1 or retraining or ctx.data is not None:
+        metrics["history"] = history
+    if top1_before is not None:
+        metrics["top1_before"] = top1_before
+        last = history[-1]
+        metrics["top1_after"] = last.get("top1_retrained", last.get("top1_pruned"))
+    out = out if out is not ckpt else ckpt.copy()
+    params = cfg.model_dump(exclude_none=True)
+    out.add_provenance("prune", params, {k: v for k, v in metrics.items() if k != "layers"}
+                       | {"layer_sparsity": {r["layer"]: r.get("sparsity", r.get("units_after")) for r in rows}})
+    return StageResult(checkpoint=out, metrics=metrics)
