@@ -1,12 +1,45 @@
-"""Fine-tune a pruned or quantized checkpoint with its masks kept (pruned weights stay zero)."""
+"""Fine-tune a pruned or quantized checkpoint with its masks kept (pruned weights stay zero),
+optionally with a training-time method: AGP (--schedule agp), Dynamic Network Surgery
+(--method dns), IHT/DSD (--method iht|dsd), L1 / group-lasso regularisers (--l1, --group-lasso,
+--remove-below for structural removal afterwards) and distillation (--teacher)."""
 
 from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
 
 from dcomp.cli import common
 from dcomp.cli.common import (ArchKwargsOpt, ArchOpt, BatchSizeOpt, DataOpt, EpochsOpt, InputArg, LrOpt,
                               LrScheduleOpt, MomentumOpt, OptimizerOpt, OutputOpt, ResizeOpt, SelectOpt,
                               WeightDecayOpt)
 from dcomp.cli.ui import TrainProgress, kv_table
+from dcomp.errors import UsageError
+
+P_AGP = "AGP (--schedule agp)"
+P_DNS = "Dynamic Network Surgery (--method dns)"
+P_IHT = "IHT / DSD (--method iht|dsd)"
+P_REG = "Regularisers"
+P_KD = "Distillation"
+
+
+def _opt(*names, help, panel, **kw):
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
+
+
+def _config(cls, values: dict, flags: dict[str, str]):
+    """Build a pydantic config from option values; errors become one line naming the option."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if field in flags:
+            raise UsageError(f"{flags[field]}: {msg} (got {err.get('input')!r})") from None
+        raise UsageError(msg) from None
 
 
 def retrain(
@@ -24,25 +57,118 @@ def retrain(
     weight_decay: WeightDecayOpt = 0.0,
     lr_schedule: LrScheduleOpt = "cosine",
     select: SelectOpt = "last",
+    # ---- mask methods
+    schedule: Annotated[Optional[str], _opt("--schedule", help="agp: gradual pruning on Zhu & Gupta's cubic schedule", panel=P_AGP)] = None,
+    initial_sparsity: Annotated[Optional[float], _opt("--initial-sparsity", help="AGP s_i [default 0]", panel=P_AGP)] = None,
+    final_sparsity: Annotated[Optional[float], _opt("--final-sparsity", help="AGP s_f [default 0.9]", panel=P_AGP)] = None,
+    start: Annotated[Optional[float], _opt("--start", help="AGP t0: first mask update, in --schedule-unit [default 0]", panel=P_AGP)] = None,
+    end: Annotated[Optional[float], _opt("--end", help="AGP: last update no later than this, in --schedule-unit [default: 3/4 of training]", panel=P_AGP)] = None,
+    every: Annotated[Optional[float], _opt("--every", help="AGP dt: interval between mask updates, in --schedule-unit [default 1]", panel=P_AGP)] = None,
+    schedule_unit: Annotated[str, _opt("--schedule-unit", help="unit of --start/--end/--every and of the IHT phase lengths: epochs (fractions allowed) or steps (optimizer steps)", panel=P_AGP)] = "epochs",
+    method: Annotated[Optional[str], _opt("--method", help="dns (Dynamic Network Surgery), iht (sparse first) or dsd (dense first); both end sparse", panel=P_DNS)] = None,
+    dns_c: Annotated[Optional[float], _opt("--dns-c", help="threshold t = mean|w| + c*std|w| per layer; a, b = 0.9t, 1.1t [default 1.0]", panel=P_DNS)] = None,
+    dns_gamma: Annotated[Optional[float], _opt("--dns-gamma", help="mask updated with probability (1+gamma*iter)^-power [default 1e-4]", panel=P_DNS)] = None,
+    dns_power: Annotated[Optional[float], _opt("--dns-power", help="see --dns-gamma [default 1]", panel=P_DNS)] = None,
+    dns_stop: Annotated[Optional[int], _opt("--dns-stop", help="iteration (optimizer step) after which the mask is frozen [default: never]", panel=P_DNS)] = None,
+    sparsity: Annotated[Optional[float], _opt("--sparsity", help="IHT/DSD per-layer sparsity of the sparse phases [default: the input masks']", panel=P_IHT)] = None,
+    sparse_len: Annotated[Optional[float], _opt("--sparse-len", help="IHT/DSD sparse phase length, in --schedule-unit [default 2]", panel=P_IHT)] = None,
+    dense_len: Annotated[Optional[float], _opt("--dense-len", help="IHT/DSD dense phase length, in --schedule-unit [default 1]", panel=P_IHT)] = None,
+    # ---- regularisers
+    l1: Annotated[Optional[float], _opt("--l1", help="L1 penalty lambda on Linear/Conv weights", panel=P_REG)] = None,
+    group_lasso: Annotated[Optional[float], _opt("--group-lasso", help="group-lasso lambda (sum of un-squared group L2 norms)", panel=P_REG)] = None,
+    groups: Annotated[str, _opt("--groups", help="group kinds, comma separated: filter, channel, shape (Conv) / row, column (Linear)", panel=P_REG)] = "filter",
+    remove_below: Annotated[Optional[float], _opt("--remove-below", help="after training, remove groups whose L2 norm is below this (structurally)", panel=P_REG)] = None,
+    # ---- distillation
+    teacher: Annotated[Optional[str], _opt("--teacher", help="teacher model file: adds Hinton KD (and CC with --cc-weight)", panel=P_KD)] = None,
+    kd_temperature: Annotated[Optional[float], _opt("--kd-temperature", help="softmax temperature T [default 4]", panel=P_KD)] = None,
+    kd_alpha: Annotated[Optional[float], _opt("--kd-alpha", help="weight of the soft term; 1-alpha weighs CE [default 0.9]", panel=P_KD)] = None,
+    cc_weight: Annotated[Optional[float], _opt("--cc-weight", help="correlation-congruence weight [default 0: off]", panel=P_KD)] = None,
+    cc_gamma: Annotated[Optional[float], _opt("--cc-gamma", help="Gaussian kernel gamma [default 0.4]", panel=P_KD)] = None,
+    cc_order: Annotated[Optional[int], _opt("--cc-order", help="P: Taylor order of the kernel [default 2]", panel=P_KD)] = None,
 ):
-    from dcomp.retrain import accuracy
-    from dcomp.retrain import retrain as run_retrain
+    from dcomp.compressors.distill import DistillConfig, check_teacher, load_teacher
+    from dcomp.compressors.dsd import IHTConfig
+    from dcomp.compressors.regularizers import GroupLassoConfig, L1Config
+    from dcomp.compressors.schedules import AGPConfig
+    from dcomp.compressors.surgery import DNSConfig
+    from dcomp.retrain import RetrainConfig, apply_retrain
+    from dcomp.stages import StageContext
 
-    cfg = common.train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-                              weight_decay=weight_decay, lr_schedule=lr_schedule, select=select)
+    # ---- every option is checked before anything is read or trained
+    train_cfg = common.train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                                    weight_decay=weight_decay, lr_schedule=lr_schedule, select=select)
+    if schedule is not None and schedule != "agp":
+        raise UsageError(f"--schedule: only 'agp' is known, got {schedule!r}")
+    if method is not None and method not in ("dns", "iht", "dsd"):
+        raise UsageError(f"--method: choose dns, iht or dsd, got {method!r}")
+    if schedule and method:
+        raise UsageError(f"--schedule agp and --method {method} both change the masks; choose one")
+    if schedule_unit not in ("epochs", "steps"):
+        raise UsageError(f"--schedule-unit: choose epochs or steps, got {schedule_unit!r}")
+    _unused(schedule == "agp", "--schedule agp", initial_sparsity=initial_sparsity, final_sparsity=final_sparsity,
+            start=start, end=end, every=every)
+    _unused(method == "dns", "--method dns", dns_c=dns_c, dns_gamma=dns_gamma, dns_power=dns_power, dns_stop=dns_stop)
+    _unused(method in ("iht", "dsd"), "--method iht or dsd", sparsity=sparsity, sparse_len=sparse_len, dense_len=dense_len)
+    _unused(group_lasso is not None, "--group-lasso", remove_below=remove_below)
+    _unused(teacher is not None, "--teacher", kd_temperature=kd_temperature, kd_alpha=kd_alpha, cc_weight=cc_weight,
+            cc_gamma=cc_gamma, cc_order=cc_order)
+
+    parts: dict = {"train": train_cfg}
+    if schedule == "agp":
+        parts["agp"] = _config(AGPConfig, dict(initial_sparsity=initial_sparsity, final_sparsity=final_sparsity, start=start,
+                                               end=end, every=every, unit=schedule_unit),
+                               {"initial_sparsity": "--initial-sparsity", "final_sparsity": "--final-sparsity",
+                                "start": "--start", "end": "--end", "every": "--every"})
+    if method == "dns":
+        parts["dns"] = _config(DNSConfig, dict(c=dns_c, gamma=dns_gamma, power=dns_power, stop=dns_stop),
+                               {"c": "--dns-c", "gamma": "--dns-gamma", "power": "--dns-power", "stop": "--dns-stop"})
+    if method in ("iht", "dsd"):
+        parts["iht"] = _config(IHTConfig, dict(mode=method, sparsity=sparsity, sparse_len=sparse_len, dense_len=dense_len,
+                                               unit=schedule_unit),
+                               {"sparsity": "--sparsity", "sparse_len": "--sparse-len", "dense_len": "--dense-len"})
+    if l1 is not None:
+        parts["l1"] = _config(L1Config, dict(lam=l1), {"lam": "--l1"})
+    if group_lasso is not None:
+        kinds = [g.strip() for g in groups.split(",") if g.strip()]
+        parts["group_lasso"] = _config(GroupLassoConfig, dict(lam=group_lasso, groups=kinds, remove_below=remove_below),
+                                       {"lam": "--group-lasso", "groups": "--groups", "remove_below": "--remove-below"})
+    if teacher is not None:
+        parts["distill"] = _config(DistillConfig, dict(teacher=teacher, temperature=kd_temperature, alpha=kd_alpha,
+                                                       cc_weight=cc_weight, cc_gamma=cc_gamma, cc_order=cc_order),
+                                   {"temperature": "--kd-temperature", "alpha": "--kd-alpha", "cc_weight": "--cc-weight",
+                                    "cc_gamma": "--cc-gamma", "cc_order": "--cc-order"})
+    cfg = _config(RetrainConfig, parts, {})
+
     inp = common.read_input(model)
     sink = common.plan_output(output, inp)
-    ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
-    ds = common.dataset_for(ckpt, data, resize)
     trust = common.state.trust_pickle
-    before = accuracy(ckpt, ds, trust)
-    out, result = run_retrain(ckpt, ds, cfg, seed=common.state.seed,
-                              progress=TrainProgress(common.console(), "retrain"), trust_pickle=trust)
-    after = accuracy(out, ds, trust)
-    metrics = {"top1_before": before, "top1_after": after, "nonzero": out.nonzero_count(), "params": out.param_count()}
-    out.add_provenance("retrain", {"data": ds.spec, "seed": common.state.seed, **cfg.model_dump()}, metrics)
-    dest = sink.write(out.to_bytes())
-    common.emit({"output": dest, **metrics},
-                lambda c: c.print(kv_table("retrained", {"test top-1 % before": before, "test top-1 % after": after,
-                                                          "non-zero / params": f"{metrics['nonzero']:,} / {metrics['params']:,}",
-                                                          "output": dest})))
+    teacher_ckpt = load_teacher(teacher, trust) if teacher is not None else None
+    ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
+    if teacher_ckpt is not None:
+        check_teacher(teacher_ckpt, ckpt, f"--teacher {teacher}")
+    ds = common.dataset_for(ckpt, data, resize)
+    ctx = StageContext(data=ds, console=common.console(), seed=common.state.seed, trust_pickle=trust)
+    res = apply_retrain(ckpt, cfg, ctx, progress=TrainProgress(common.console(), "retrain"), teacher_ckpt=teacher_ckpt)
+    m = res.metrics
+    dest = sink.write(res.checkpoint.to_bytes())
+    rows = {"test top-1 % before": m["top1_before"]}
+    if "top1_before_removal" in m:
+        rows["test top-1 % before removal"] = m["top1_before_removal"]
+        rows["units removed"] = ", ".join(f"{k}: {v}" for k, v in m["units_removed"].items()) or "none"
+    rows.update({"test top-1 % after": m["top1_after"],
+                 "non-zero / params": f"{m['nonzero']:,} / {m['params']:,} (sparsity {m['sparsity']:.2%})"})
+    if cfg.mask_method():
+        rows["method"] = method or schedule
+    if "dns_spliced" in m:
+        rows["spliced back"] = m["dns_spliced"]
+    rows["output"] = dest
+    common.emit({"output": dest, **m}, lambda c: c.print(kv_table("retrained", rows)))
+
+
+def _unused(active: bool, needs: str, **values) -> None:
+    """An option of a method that is not selected is a mistake worth one line, not silence."""
+    if active:
+        return
+    given = [k for k, v in values.items() if v is not None]
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} only applies with {needs}")
