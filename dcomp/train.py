@@ -206,7 +206,10 @@ def fit(
     steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
 
-    optimizer = make_optimizer(trainable if trainable is not None else model.parameters(), cfg)
+    opt_params = list(trainable) if trainable is not None else list(model.parameters())
+    if not opt_params:  # callbacks drive every weight (e.g. all quantized, no biases): keep an lr schedule
+        opt_params = [nn.Parameter(torch.zeros(0))]
+    optimizer = make_optimizer(opt_params, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     runner: nn.Module = model
     if world > 1:
