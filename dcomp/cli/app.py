@@ -15,9 +15,13 @@ import sys
 import traceback
 from typing import Annotated, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.29 carries its own copy of click
+    from typer._click import exceptions as click_exc
+except ImportError:  # older typer uses click itself
+    from click import exceptions as click_exc
 
 from dcomp import __version__
 from dcomp.cli import common
@@ -58,35 +62,41 @@ class DcompGroup(TyperGroup):
         args = list(sys.argv[1:] if args is None else args)
         args = hoist_global_options(args)
         debug = "--debug" in args or common.env_flag("DCOMP_DEBUG")
-        err = common.error_console()
+        def err(msg: str) -> None:  # plain text: one line, never wrapped, no markup
+            sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
+
         try:
             super().main(args=args, prog_name=prog_name or "dcomp", complete_var=complete_var,
                          standalone_mode=False, **extra)
             code = 0
-        except click.exceptions.Exit as e:
+        except (typer.Exit, getattr(click_exc, "Exit", typer.Exit)) as e:
             code = e.exit_code
-        except click.exceptions.Abort:
-            err.print("aborted")
+        except getattr(click_exc, "NoArgsIsHelpError", ()) as e:
+            sys.stderr.write(e.format_message() + "\n")  # the help text
+            code = 2
+        except (typer.Abort, getattr(click_exc, "Abort", typer.Abort)):
+            err("aborted")
             code = 130
-        except click.ClickException as e:
+        except click_exc.ClickException as e:
             hint = ""
-            if isinstance(e, click.UsageError) and e.ctx is not None:
+            if isinstance(e, click_exc.UsageError) and e.ctx is not None:
                 hint = f" (see '{e.ctx.command_path} --help')"
-            err.print(f"error: {e.format_message()}{hint}", markup=False)
+            err(f"error: {e.format_message()}{hint}")
             code = e.exit_code
         except DcompError as e:
             if debug:
                 traceback.print_exc()
-            err.print(f"error: {e}", markup=False)
+            err(f"error: {e}")
             code = e.exit_code
         except KeyboardInterrupt:
-            err.print("interrupted")
+            err("interrupted")
             code = 130
         except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             if debug:
                 traceback.print_exc()
             first = (str(e).splitlines() or [""])[0]
-            err.print(f"error: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", markup=False)
+            err(f"error: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
             code = 1
         if standalone_mode:
             sys.exit(code)
@@ -143,6 +153,7 @@ def _register() -> None:
     app.command("info", help=info.__doc__)(info.info)
     app.command("zoo", help=zoo.__doc__)(zoo.zoo)
     app.command("retrain", help=retrain.__doc__)(retrain.retrain)
+    from dcomp.cli import prune; app.command("prune", help=prune.__doc__)(prune.prune)  # noqa: E702
 
 
 _register()

@@ -32,13 +32,14 @@ class GlobalOptions:
 state = GlobalOptions()
 
 
+def is_main_process() -> bool:
+    """False on the ranks > 0 of a torchrun launch: only rank 0 writes output and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def console() -> Console:
     """Human output: stderr, so stdout stays free for checkpoints in pipes. NO_COLOR is respected."""
-    return Console(stderr=True, quiet=state.quiet, highlight=False, soft_wrap=False)
-
-
-def error_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, quiet=state.quiet or not is_main_process(), highlight=False, soft_wrap=False)
 
 
 def log(msg: str) -> None:
@@ -82,6 +83,8 @@ class Sink:
     def write(self, data: bytes) -> str:
         from dcomp.formats.checkpoint import atomic_write
 
+        if not is_main_process():
+            return "<rank 0 writes>"
         if self.path is None:
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
@@ -111,6 +114,8 @@ def plan_output(output: Optional[str], inp: Input | None = None, what: str = "ch
 def emit(summary: dict[str, Any], human: Callable[[Console], None] | None = None) -> None:
     """--json: print ``summary`` as JSON (stdout, or stderr when stdout carries binary output).
     Otherwise call ``human`` with the stderr console."""
+    if not is_main_process():
+        return
     if state.json:
         text = json.dumps(summary, indent=2, default=_json_default)
         stream = sys.stderr if state.stdout_taken else sys.stdout

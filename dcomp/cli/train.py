@@ -37,8 +37,7 @@ def train(
     cfg = common.train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                               weight_decay=weight_decay, lr_schedule=lr_schedule, select=select)
     kwargs = parse_arch_kwargs(arch_kwargs)
-    rank = _rank()
-    sink = common.plan_output(output) if rank == 0 else None
+    sink = common.plan_output(output)
     ds = load_dataset(data or "digits", resize)
     torch.manual_seed(common.state.seed)
     if arch in ZOO:
@@ -51,7 +50,7 @@ def train(
         raise common.UsageError(f"unknown architecture {arch!r}: zoo models are {', '.join(ZOO)} (or use package.module:factory)")
 
     con = common.console()
-    progress = TrainProgress(con, "train") if rank == 0 else None
+    progress = TrainProgress(con, "train")
     result = fit(model, ds, cfg, seed=common.state.seed, progress=progress)
     test = evaluate(model, ds.x_test, ds.y_test)
 
@@ -66,8 +65,6 @@ def train(
         metrics["masks_identical"] = result.masks_identical
     ckpt.add_provenance("train", {"arch": arch, "arch_kwargs": kwargs, "data": ds.spec, "resize": resize,
                                   "seed": common.state.seed, **cfg.model_dump()}, metrics)
-    if rank != 0:
-        return
     dest = sink.write(ckpt.to_bytes())
     summary = {"output": dest, "arch": arch, "data": ds.describe(), "params": ckpt.param_count(),
                "test": test, "epochs": cfg.epochs, **({"best_epoch": result.best_epoch} if result.best_epoch else {})}
@@ -78,8 +75,3 @@ def train(
         "arch": arch, "data": ds.spec, "params": ckpt.param_count(),
         "test top-1 %": test["top1"], "test loss": test["loss"], "output": dest})))
 
-
-def _rank() -> int:
-    from dcomp.train import dist_info
-
-    return dist_info()[0]

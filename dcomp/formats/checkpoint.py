@@ -79,14 +79,23 @@ class Checkpoint:
             model = torch.load(io.BytesIO(self.arch["archive"].numpy().tobytes()), weights_only=False)
         else:
             raise FormatError(f"checkpoint has an unknown architecture kind {kind!r}")
-        if kind in ("zoo", "import"):
-            conform_to_state_dict(model, self.state_dict)
+        resized = conform_to_state_dict(model, self.state_dict) if kind in ("zoo", "import") else []
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise DcompError(f"weights do not fit the architecture: {' '.join(first[:2])}") from None
-        return model.eval()
+        model.eval()
+        if resized:  # shapes came from the file: check they chain up before anyone trusts them
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, *self.input_shape))
+            except Exception as e:  # noqa: BLE001 - any shape error from any layer
+                raise DcompError(
+                    f"resized layers {', '.join(resized)} do not fit together at input {list(self.input_shape)}: "
+                    f"{(str(e).splitlines() or [''])[0]}"
+                ) from None
+        return model
 
     def update_from_model(self, model: nn.Module) -> None:
         """Take the model's current weights (and shapes) into the checkpoint."""

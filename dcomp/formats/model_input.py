@@ -170,7 +170,7 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
             raise UsageError("--arch-kwargs must be a JSON object")
         return val
     out: dict[str, Any] = {}
-    for part in text.split(","):
+    for part in _split_top_level(text):
         k, sep, v = part.partition("=")
         if not sep or not k.strip():
             raise UsageError(f"--arch-kwargs: expected key=value, got {part!r}")
@@ -179,6 +179,21 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[k.strip()] = v
     return out
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets: 'a=1,w=[8,16]' -> ['a=1', 'w=[8,16]']."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p for p in parts if p.strip()]
 
 
 __all__ = ["load_model", "parse_arch_kwargs", "DcompError"]

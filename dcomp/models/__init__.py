@@ -54,13 +54,15 @@ def import_factory(target: str) -> Callable[..., nn.Module]:
     return obj
 
 
-def conform_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+def conform_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Resize Linear / Conv / BatchNorm modules so their parameters match ``state_dict`` shapes.
 
     This is how a structurally pruned checkpoint rebuilds: the factory makes the original
     architecture, then every layer whose stored weight is smaller is replaced by a new layer
     of the stored size. Layers of other types with mismatched shapes are an error.
+    Returns the names of the resized layers.
     """
+    resized = []
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
         w = state_dict.get(prefix + "weight")
@@ -75,7 +77,8 @@ def conform_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor])
                 f"only Linear, Conv and BatchNorm layers can change size"
             )
         _set_submodule(model, name, new)
-    return model
+        resized.append(name)
+    return resized
 
 
 def _resized(m: nn.Module, shape, bias: bool) -> nn.Module | None:

@@ -1,0 +1,52 @@
+"""Shared fixtures: small trained checkpoints made once per test session (no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from dcomp.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def lenet_ckpt(digits):
+    """LeNet-300-100 trained 5 epochs on digits (a few seconds)."""
+    from dcomp.formats.checkpoint import Checkpoint
+    from dcomp.models import build_zoo
+    from dcomp.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = build_zoo("lenet-300-100", digits.input_shape, digits.num_classes)
+    fit(model, digits, TrainConfig(epochs=5))
+    ckpt = Checkpoint(arch={"kind": "zoo", "name": "lenet-300-100", "kwargs": {}}, state_dict={},
+                      input_shape=list(digits.input_shape), num_classes=10, data={"spec": "digits", "resize": None})
+    ckpt.update_from_model(model)
+    ckpt.add_provenance("train", {"epochs": 5})
+    return ckpt
+
+
+@pytest.fixture()
+def lenet_path(lenet_ckpt, tmp_path):
+    p = tmp_path / "base.pt"
+    lenet_ckpt.save(p)
+    return p
+
+
+@pytest.fixture()
+def cli():
+    """Run the CLI in-process: cli("eval", path, "--json") -> click Result (stdout/stderr apart)."""
+    from typer.testing import CliRunner
+
+    from dcomp.cli.app import app
+
+    runner = CliRunner()
+
+    def run(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args], input=input)
+
+    return run
