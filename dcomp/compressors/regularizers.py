@@ -45,6 +45,8 @@ class L1Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lam: float = Field(1e-5, description="lambda: weight of sum |w| in the loss")
+    proximal: bool = Field(True, description="apply the penalty as a proximal step after each optimizer step "
+                                             "(soft-thresholding: exact zeros) instead of a subgradient in the loss")
     layers: list[str] | None = Field(None, description="module names (default: every Linear/Conv layer)")
 
     @field_validator("lam")
@@ -58,6 +60,9 @@ class GroupLassoConfig(BaseModel):
 
     lam: float = Field(1e-4, description="lambda: weight of the sum of group L2 norms in the loss")
     groups: list[GroupKind] = Field(["filter"], description="filter, channel, shape (Conv) / row, column (Linear)")
+    proximal: bool = Field(True, description="apply the penalty as a proximal step after each optimizer step "
+                                             "(group soft-thresholding: whole groups reach exactly zero) instead "
+                                             "of a subgradient in the loss")
     remove_below: float | None = Field(None, ge=0, description="after training, remove groups whose L2 norm is below this")
     layers: list[str] | None = Field(None, description="module names (default: every Linear/Conv layer)")
 
@@ -95,6 +100,23 @@ def group_norms(module: nn.Module, kind: str) -> torch.Tensor:
     if kind == "shape":
         return w.reshape(w.shape[0], -1).norm(dim=0)
     raise ValueError(f"unknown group kind {kind!r}")
+
+
+@torch.no_grad()
+def group_shrink(module: nn.Module, kind: str, step: float) -> None:
+    """Proximal step of ``step * sum ||w_g||``: every group shrinks by ``step`` in norm, or to 0."""
+    kind = layer_kind(kind, module)
+    norms = group_norms(module, kind)
+    scale = (1.0 - step / norms.clamp_min(1e-12)).clamp_min(0.0)
+    w = module.weight
+    if kind in ("row", "filter"):
+        w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))))
+        if getattr(module, "bias", None) is not None:
+            module.bias.mul_(scale)
+    elif kind in ("column", "channel"):
+        w.mul_(scale.reshape(1, -1, *([1] * (w.dim() - 2))))
+    else:  # shape
+        w.mul_(scale.reshape(1, *w.shape[1:]))
 
 
 class LayerTap:
@@ -164,28 +186,51 @@ class Regularizer(Callback):
         self.tap = LayerTap(ctx.model)
         self.classifier: str | None = None
 
-    def compute_loss(self, ctx, x, out, y, loss):
-        if self.classifier is None:
-            self.classifier = self.tap.order[-1] if self.tap.order else list(self.modules)[-1]
-            self.tap.remove()
-        pen = loss.new_zeros(())
+    def _groups(self):
+        """(module name, module, layer kind) of every penalised group family."""
+        names = self.gl.layers or list(self.modules)
+        for n in names:
+            m = self.modules[n]
+            for kind in dict.fromkeys(layer_kind(k, m) for k in self.gl.groups):
+                if n == self.classifier and kind in ("row", "filter"):
+                    continue  # the classes are not removable
+                yield n, m, kind
+
+    def penalty(self) -> torch.Tensor:
+        pen = torch.zeros(())
         if self.l1 is not None and self.l1.lam > 0:
             names = self.l1.layers or list(self.modules)
             pen = pen + self.l1.lam * sum(self.modules[n].weight.abs().sum() for n in names)
         if self.gl is not None and self.gl.lam > 0:
-            names = self.gl.layers or list(self.modules)
-            terms = []
-            for n in names:
-                m = self.modules[n]
-                for kind in self.gl.groups:
-                    k = layer_kind(kind, m)
-                    if n == self.classifier and k in ("row", "filter"):
-                        continue  # the classes are not removable
-                    terms.append(group_norms(m, k).sum())
+            terms = [group_norms(m, k).sum() for _, m, k in self._groups()]
             if terms:
                 pen = pen + self.gl.lam * torch.stack(terms).sum()
+        return pen
+
+    def compute_loss(self, ctx, x, out, y, loss):
+        if self.classifier is None:
+            self.classifier = self.tap.order[-1] if self.tap.order else list(self.modules)[-1]
+            self.tap.remove()
+        differentiable = (self.l1 is not None and not self.l1.proximal) or (self.gl is not None and not self.gl.proximal)
+        if differentiable:
+            pen = self.penalty()
+        else:
+            with torch.no_grad():
+                pen = self.penalty()
         self.last_penalty = float(pen.detach())
-        return loss + pen
+        # proximal terms are shown in the loss but act through after_step
+        return loss + (pen if differentiable else pen.detach())
+
+    @torch.no_grad()
+    def after_step(self, ctx):
+        lr = float(ctx.optimizer.param_groups[0]["lr"])
+        if self.l1 is not None and self.l1.proximal and self.l1.lam > 0:
+            for n in self.l1.layers or list(self.modules):
+                w = self.modules[n].weight
+                w.copy_(w.sign() * (w.abs() - lr * self.l1.lam).clamp_min(0))
+        if self.gl is not None and self.gl.proximal and self.gl.lam > 0:
+            for _, m, kind in self._groups():
+                group_shrink(m, kind, lr * self.gl.lam)
 
     def on_train_end(self, ctx):
         if getattr(self, "tap", None) is not None:
