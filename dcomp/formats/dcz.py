@@ -1,0 +1,798 @@
+"""The .dcz packed checkpoint: writer, checked reader, header-only inspection.
+
+The layout is specified in docs/FORMAT.md; this module follows it section by section.
+
+    data, report = pack(ckpt, PackConfig())      # bytes + per-layer rows
+    ckpt2 = read_bytes(data, source="model.dcz")  # bit-identical state_dict, masks, quant
+    info = inspect_bytes(data)                    # header and section table only
+
+Reading uses numpy only (torch just wraps the arrays as tensors); nothing is unpickled or run.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dcomp import __version__
+from dcomp.compressors import huffman as hf
+from dcomp.errors import FormatError
+from dcomp.formats import DCZ_MAGIC
+from dcomp.formats.checkpoint import Checkpoint
+
+MAJOR, MINOR = 1, 0
+PREAMBLE = 32
+MAX_HEADER = 1 << 27
+ALIGN = 8
+DEFAULT_MAX_BYTES = 1 << 34   # refuse files that would decode to more than 16 GiB
+
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "float32": (torch.float32, 4), "float16": (torch.float16, 2), "bfloat16": (torch.bfloat16, 2),
+    "float64": (torch.float64, 8), "int64": (torch.int64, 8), "int32": (torch.int32, 4),
+    "int16": (torch.int16, 2), "int8": (torch.int8, 1), "uint8": (torch.uint8, 1), "bool": (torch.bool, 1),
+}
+FLOATS = {"float32", "float16", "bfloat16", "float64"}
+_NAME_OF = {v[0]: k for k, v in DTYPES.items()}
+_SINT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class PackConfig(BaseModel):
+    """How ``pack`` encodes (every choice is recorded in the file, so reading needs none of it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index_bits: Optional[int] = Field(None, description="gap width for every sparse tensor (overrides fc/conv)")
+    index_bits_fc: int = Field(5, description="gap width for 2-D and smaller weights (Deep Compression: 5)")
+    index_bits_conv: int = Field(8, description="gap width for conv weights, 3-D and up (Deep Compression: 8)")
+    huffman: bool = Field(True, description="allow Huffman coding (off: fixed width only)")
+    block: int = Field(hf.DEFAULT_BLOCK, description="symbols per Huffman block")
+    verify: bool = Field(True, description="decode the packed bytes and compare bit for bit")
+
+    @field_validator("index_bits", "index_bits_fc", "index_bits_conv")
+    @classmethod
+    def _bits(cls, v):
+        if v is not None and not 1 <= v <= 16:
+            raise ValueError(f"index bits must be between 1 and 16 (Deep Compression uses 5 for fc, 8 for conv), got {v}")
+        return v
+
+    @field_validator("block")
+    @classmethod
+    def _block(cls, v):
+        if not 1 <= v <= hf.MAX_BLOCK:
+            raise ValueError(f"Huffman block must be between 1 and {hf.MAX_BLOCK} symbols, got {v}")
+        return v
+
+    def index_bits_for(self, t: torch.Tensor) -> int:
+        if self.index_bits is not None:
+            return self.index_bits
+        return self.index_bits_conv if t.dim() >= 3 else self.index_bits_fc
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def _dtype_name(t: torch.Tensor, what: str) -> str:
+    name = _NAME_OF.get(t.dtype)
+    if name is None:
+        raise FormatError(f"{what}: dtype {t.dtype} cannot be stored in a .dcz file")
+    return name
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """The tensor's raw element bits as a flat signed-int numpy array (exact, -0.0 != +0.0)."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    size = DTYPES[_NAME_OF[t.dtype]][1]
+    return t.view(_SINT[size]).numpy()
+
+
+def _from_bits(arr: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
+    tdtype, size = DTYPES[dtype]
+    arr = np.ascontiguousarray(arr, dtype=np.dtype(f"=i{size}"))
+    return torch.from_numpy(arr).view(tdtype).reshape(shape)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def gap_symbols(pos: np.ndarray, numel: int, k: int) -> np.ndarray:
+    """Relative-index symbols for sorted positions (docs/FORMAT.md, "the gap stream")."""
+    m = (1 << k) - 1
+    g = np.diff(pos, prepend=-1)
+    e = (g - 1) // m
+    last = int(pos[-1]) + 1 if len(pos) else 0
+    tail = (numel - last) // m
+    syms = np.full(len(pos) + int(e.sum()) + tail, m, dtype=np.int64)
+    syms[np.cumsum(e + 1) - 1] = (g - 1) - e * m
+    return syms
+
+
+def gap_positions(syms: np.ndarray, numel: int, k: int) -> np.ndarray:
+    """Inverse of gap_symbols, with the checks a reader needs (raises ValueError)."""
+    m = (1 << k) - 1
+    adv = np.where(syms == m, m, syms + 1)
+    c = np.cumsum(adv)
+    end = int(c[-1]) if len(c) else 0
+    if end > numel:
+        raise ValueError(f"relative indices run past the end of the tensor ({end} > {numel})")
+    if numel - end >= m:
+        raise ValueError("relative indices stop short of the tensor's end")
+    return c[syms != m] - 1
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+class _Sections:
+    def __init__(self):
+        self.parts: list[bytes] = []
+
+    def add(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(self.parts) - 1
+
+
+def _stream(sec: _Sections, symbols: np.ndarray, alphabet: int, cfg: PackConfig,
+            plan: hf.StreamPlan | None = None) -> dict:
+    if plan is None:
+        plan = hf.plan_stream(np.bincount(symbols, minlength=alphabet), alphabet, cfg.block, cfg.huffman)
+    data, rec = hf.encode_stream(symbols, plan)
+    return {"section": sec.add(data), **rec}
+
+
+def _quant_ok(q: dict, t: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(codebook bits, flat assignments, bits) if the quant entry can share the weight's codebook."""
+    try:
+        bits, cb, a = q["bits"], q["codebook"], q["assignments"]
+    except (KeyError, TypeError):
+        return None
+    if not (isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 16):
+        return None
+    if not (isinstance(cb, torch.Tensor) and isinstance(a, torch.Tensor)):
+        return None
+    if cb.dtype != t.dtype or cb.dim() != 1 or not 1 <= cb.numel() <= (1 << bits):
+        return None
+    if a.shape != t.shape or a.dtype.is_floating_point or a.dtype == torch.bool or _NAME_OF.get(a.dtype) is None:
+        return None
+    af = a.detach().reshape(-1).to(torch.int64).numpy()
+    if af.size and (af.min() < 0 or af.max() >= (1 << bits)):
+        return None
+    return _bits(cb), af, bits
+
+
+def _raw_quant(sec: _Sections, name: str, q: dict) -> dict:
+    out: dict[str, Any] = {}
+    for key, v in q.items():
+        if key in ("codebook", "assignments") and isinstance(v, torch.Tensor):
+            out[key] = {"section": sec.add(_bits(v).tobytes()), "dtype": _dtype_name(v, f"quant {name} {key}"),
+                        "shape": list(v.shape)}
+        elif key == "bits":
+            out[key] = v
+    extra = {k: v for k, v in q.items() if k not in ("bits", "codebook", "assignments")}
+    if extra:
+        out["extra"] = _json_plain(extra, f"quant {name}")
+    return out
+
+
+def _json_plain(obj: Any, what: str) -> Any:
+    try:
+        json.dumps(obj)
+    except (TypeError, ValueError):
+        raise FormatError(f"{what}: holds values that are not plain data (JSON); a .dcz cannot store them") from None
+    return obj
+
+
+def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dict | None,
+                   cfg: PackConfig, sec: _Sections) -> tuple[dict, dict | None, dict | None]:
+    dt = _dtype_name(t, f"tensor {name}")
+    size = DTYPES[dt][1]
+    u = _bits(t)
+    numel = u.size
+    shape = list(t.shape)
+    mflat = None
+    if mask is not None and mask.dtype == torch.bool and mask.shape == t.shape:
+        mflat = mask.detach().reshape(-1).numpy()
+    bitmap_cost = (mask.numel() + 7) // 8 if mask is not None else 0
+    qinfo = _quant_ok(q, t) if q is not None else None
+    raw_q_cost = 0
+    if q is not None:
+        raw_q_cost = sum(v.numel() * v.element_size() for v in q.values() if isinstance(v, torch.Tensor))
+
+    # candidate: raw
+    best = ("raw", numel * size + bitmap_cost + raw_q_cost, None)
+    if dt in FLOATS and numel > 0:
+        # candidate: sparse over the support (the mask, else the non-zero bits)
+        if mflat is not None and not u[~mflat].any():
+            support, support_is_mask = mflat, True
+        else:
+            support, support_is_mask = u != 0, False
+        pos = np.flatnonzero(support)
+        k = cfg.index_bits_for(t)
+        gaps = gap_symbols(pos, numel, k)
+        gplan = hf.plan_stream(np.bincount(gaps, minlength=1 << k), 1 << k, cfg.block, cfg.huffman)
+        side = 0 if support_is_mask else bitmap_cost
+        vplan = None
+        if qinfo is not None:
+            cbb, af, qbits = qinfo
+            sa = af[pos]
+            outside = af[~support]
+            if (cbb[sa] == u[pos]).all():
+                vplan = hf.plan_stream(np.bincount(sa, minlength=1 << qbits), 1 << qbits, cfg.block, cfg.huffman)
+                fill_ok = outside.size == 0 or (outside == outside[0]).all()
+                cost = gplan.nbytes + vplan.nbytes + cbb.nbytes + side + (0 if fill_ok else af.size * q["assignments"].element_size())
+                if cost < best[1]:
+                    best = ("sparse-cb", cost, (pos, gaps, gplan, k, support_is_mask, sa, vplan, fill_ok, outside))
+        if vplan is None or best[0] != "sparse-cb":
+            cost = gplan.nbytes + len(pos) * size + side + raw_q_cost
+            if cost < best[1]:
+                best = ("sparse-raw", cost, (pos, gaps, gplan, k, support_is_mask))
+        # candidate: dense codebook (quantized, every element listed)
+        if qinfo is not None:
+            cbb, af, qbits = qinfo
+            if (cbb[af] == u).all():
+                allmask = mflat is not None and bool(mflat.all())
+                dplan = hf.plan_stream(np.bincount(af, minlength=1 << qbits), 1 << qbits, cfg.block, cfg.huffman)
+                cost = dplan.nbytes + cbb.nbytes + (0 if allmask else bitmap_cost)
+                if cost < best[1]:
+                    best = ("codebook", cost, (dplan, allmask))
+
+    kind, _, info = best
+    rec: dict[str, Any] = {"name": name, "dtype": dt, "shape": shape}
+    mrec: dict | None = None
+    qrec: dict | None = None
+    if kind == "raw":
+        rec.update(encoding="raw", section=sec.add(u.tobytes()))
+    elif kind in ("sparse-raw", "sparse-cb"):
+        pos, gaps, gplan, k, support_is_mask = info[:5]
+        rec.update(encoding="sparse", index_bits=k, nnz=int(len(pos)), gaps=_stream(sec, gaps, 1 << k, cfg, gplan))
+        if kind == "sparse-raw":
+            rec["values"] = {"kind": "raw", "section": sec.add(u[pos].tobytes())}
+        else:
+            sa, vplan, fill_ok, outside = info[5:]
+            cbb, af, qbits = qinfo
+            rec["values"] = {"kind": "codebook", "bits": qbits, "codebook": sec.add(cbb.tobytes()),
+                             "indices": _stream(sec, sa, 1 << qbits, cfg, vplan)}
+            qrec = _shared_quant(sec, name, q, fill_ok, int(outside[0]) if fill_ok and outside.size else 0)
+        if support_is_mask:
+            mrec = {"encoding": "support"}
+    else:
+        dplan, allmask = info
+        cbb, af, qbits = qinfo
+        rec.update(encoding="codebook", values={"kind": "codebook", "bits": qbits, "codebook": sec.add(cbb.tobytes()),
+                                                  "indices": _stream(sec, af, 1 << qbits, cfg, dplan)})
+        qrec = _shared_quant(sec, name, q, True, 0)
+        if allmask:
+            mrec = {"encoding": "support"}
+    if mask is not None and mrec is None:
+        mrec = _bitmap(sec, mask, name)
+    if q is not None and qrec is None:
+        qrec = _raw_quant(sec, name, q)
+    return rec, mrec, qrec
+
+
+def _shared_quant(sec: _Sections, name: str, q: dict, fill_ok: bool, fill: int) -> dict:
+    a = q["assignments"]
+    out: dict[str, Any] = {"bits": q["bits"], "codebook": {"from": "values"}}
+    if fill_ok:
+        out["assignments"] = {"from": "values", "dtype": _dtype_name(a, f"quant {name} assignments"), "fill": fill}
+    else:
+        out["assignments"] = {"section": sec.add(_bits(a).tobytes()), "dtype": _dtype_name(a, f"quant {name}"),
+                              "shape": list(a.shape)}
+    extra = {k: v for k, v in q.items() if k not in ("bits", "codebook", "assignments")}
+    if extra:
+        out["extra"] = _json_plain(extra, f"quant {name}")
+    return out
+
+
+def _bitmap(sec: _Sections, mask: torch.Tensor, name: str) -> dict:
+    if mask.dtype != torch.bool:
+        raise FormatError(f"mask {name}: dtype {mask.dtype} is not bool; masks must be bool tensors")
+    bits = np.packbits(mask.detach().reshape(-1).numpy().astype(np.uint8))
+    return {"encoding": "bitmap", "section": sec.add(bits.tobytes()), "shape": list(mask.shape)}
+
+
+def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
+    """Encode a checkpoint. Returns the file bytes and ``inspect_bytes`` of them (the report)."""
+    cfg = cfg or PackConfig()
+    sec = _Sections()
+    tensors, masks, quant = [], {}, {}
+    for name, t in ckpt.state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise FormatError(f"state_dict entry {name} is not a tensor")
+        rec, m, q = _encode_tensor(name, t, ckpt.masks.get(name), ckpt.quant.get(name), cfg, sec)
+        tensors.append(rec)
+        if m is not None:
+            masks[name] = m
+        if q is not None:
+            quant[name] = q
+    for name, m in ckpt.masks.items():
+        if name not in masks:
+            masks[name] = _bitmap(sec, m, name)
+    for name, q in ckpt.quant.items():
+        if name not in quant:
+            quant[name] = _raw_quant(sec, name, q)
+    arch = dict(ckpt.arch)
+    for key, v in list(arch.items()):
+        if isinstance(v, torch.Tensor):
+            arch[key] = {"section": sec.add(_bits(v).tobytes()), "dtype": _dtype_name(v, f"arch {key}"),
+                         "shape": list(v.shape)}
+    header = {
+        "dcz": MAJOR, "dcomp_version": __version__,
+        "arch": _json_plain(arch, "arch"), "input_shape": [int(s) for s in ckpt.input_shape],
+        "num_classes": int(ckpt.num_classes), "data": _json_plain(ckpt.data, "data"),
+        "provenance": _json_plain(ckpt.provenance, "provenance"),
+        "sections": [], "tensors": tensors, "masks": masks, "quant": quant,
+    }
+    offset = 0
+    for part in sec.parts:
+        header["sections"].append([offset, offset + len(part), zlib.crc32(part)])
+        offset = _align(offset + len(part))
+    hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    pre = DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, MINOR, 0, len(hjson), zlib.crc32(hjson), 0)
+    out = bytearray(pre + hjson)
+    out += b"\0" * (_align(len(out)) - len(out))
+    for i, part in enumerate(sec.parts):
+        out += part
+        if i + 1 < len(sec.parts):
+            out += b"\0" * (_align(len(out)) - len(out))
+    data = bytes(out)
+    if cfg.verify:
+        _verify(ckpt, read_bytes(data, source="packed bytes"))
+    return data, inspect_bytes(data, source="packed bytes")
+
+
+def write_bytes(ckpt: Checkpoint, cfg: PackConfig | None = None) -> bytes:
+    return pack(ckpt, cfg)[0]
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(_bits(a), _bits(b))
+
+
+def _verify(ckpt: Checkpoint, back: Checkpoint) -> None:
+    """Bit-for-bit comparison after packing (a bug here must never ship a wrong file)."""
+    for name, t in ckpt.state_dict.items():
+        if name not in back.state_dict or not _same(t, back.state_dict[name]):
+            raise FormatError(f"internal error: tensor {name} did not survive packing bit-identically")
+    for name, m in ckpt.masks.items():
+        if not _same(m, back.masks[name]):
+            raise FormatError(f"internal error: mask {name} did not survive packing")
+    for name, q in ckpt.quant.items():
+        for k in ("codebook", "assignments"):
+            if isinstance(q.get(k), torch.Tensor) and not _same(q[k], back.quant[name][k]):
+                raise FormatError(f"internal error: quant {name} {k} did not survive packing")
+
+
+# ---- reading: header and section table ----------------------------------------------------------
+
+class _Header:
+    def __init__(self, h: dict, data_start: int, sections: list[tuple[int, int, int]]):
+        self.h = h
+        self.d = data_start
+        self.sections = sections
+
+
+def _fail(source: str, msg: str) -> FormatError:
+    return FormatError(f"{source}: {msg}")
+
+
+def read_header(data: bytes, source: str = "input") -> _Header:
+    """Checks 1-9 of docs/FORMAT.md: preamble, header JSON, schema basics, section table."""
+    n = len(data)
+    if n < PREAMBLE:
+        raise _fail(source, f"truncated .dcz file: {n} bytes, shorter than the {PREAMBLE}-byte preamble")
+    if data[:8] != DCZ_MAGIC:
+        raise _fail(source, "not a .dcz file (wrong magic bytes)")
+    major, minor, flags, hlen, hcrc, reserved = struct.unpack_from("<HHIQII", data, 8)
+    if major != MAJOR:
+        raise _fail(source, f"unsupported .dcz version {major}.{minor} (this dcomp reads {MAJOR}.x); upgrade dcomp")
+    if flags or reserved:
+        raise _fail(source, "reserved bits set in the .dcz preamble (corrupt file or newer writer)")
+    if hlen == 0 or hlen > MAX_HEADER or PREAMBLE + hlen > n:
+        raise _fail(source, f"header length {hlen} does not fit the {n}-byte file (truncated or corrupt)")
+    raw = data[PREAMBLE:PREAMBLE + hlen]
+    if zlib.crc32(raw) != hcrc:
+        raise _fail(source, "header checksum mismatch (corrupt file)")
+    try:
+        h = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _fail(source, "header is not valid UTF-8 JSON") from None
+    if not isinstance(h, dict):
+        raise _fail(source, "header is not a JSON object")
+    _check_schema(h, source)
+    d = _align(PREAMBLE + hlen)
+    if d > n or any(data[PREAMBLE + hlen:d]):
+        raise _fail(source, "padding after the header is missing or not zero")
+    secs = []
+    pos = 0
+    for i, s in enumerate(h["sections"]):
+        if not (isinstance(s, list) and len(s) == 3 and all(_is_int(x) for x in s)):
+            raise _fail(source, f"section table: entry {i} is not [begin, end, crc32]")
+        b, e, c = s
+        if b != pos or e < b:
+            raise _fail(source, f"section table: section {i} starts at {b}, expected {pos} (ordered, aligned, no gaps)")
+        if d + e > n:
+            raise _fail(source, f"section table: section {i} ends at byte {d + e}, past the end of the {n}-byte file (truncated)")
+        pos = _align(e)
+        if pos != e and d + pos <= n and any(data[d + e:d + pos]):
+            raise _fail(source, f"section table: padding after section {i} is not zero")
+        secs.append((d + b, d + e, c))
+    end = d + (h["sections"][-1][1] if secs else 0)
+    if end != n:
+        raise _fail(source, f"section table: file is {n} bytes but the sections end at {end} (truncated or trailing bytes)")
+    return _Header(h, d, secs)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_schema(h: dict, source: str) -> None:
+    def bad(field: str, why: str) -> FormatError:
+        return _fail(source, f"bad header field {field}: {why}")
+
+    if h.get("dcz") != MAJOR:
+        raise bad("dcz", f"expected {MAJOR}")
+    for key, typ in (("arch", dict), ("input_shape", list), ("num_classes", int), ("data", dict),
+                     ("provenance", list), ("sections", list), ("tensors", list), ("masks", dict), ("quant", dict)):
+        if not isinstance(h.get(key), typ) or isinstance(h.get(key), bool):
+            raise bad(key, f"missing or not a {typ.__name__}")
+    names = set()
+    for i, t in enumerate(h["tensors"]):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise bad(f"tensors[{i}]", "not an object with a name")
+        if t["name"] in names:
+            raise bad(f"tensors[{i}]", f"duplicate tensor name {t['name']}")
+        names.add(t["name"])
+        if t.get("dtype") not in DTYPES:
+            raise bad(f"tensors[{i}].dtype", f"unknown dtype {t.get('dtype')!r} (tensor {t['name']})")
+        if not isinstance(t.get("shape"), list) or not all(_is_int(s) for s in t["shape"]) or len(t["shape"]) > 32:
+            raise bad(f"tensors[{i}].shape", f"not a list of non-negative integers (tensor {t['name']})")
+        if t.get("encoding") not in ("raw", "sparse", "codebook"):
+            raise bad(f"tensors[{i}].encoding", f"unknown encoding {t.get('encoding')!r} (tensor {t['name']})")
+
+
+# ---- reading: per-tensor claims (check 10) -------------------------------------------------------
+
+class _Reader:
+    def __init__(self, data: bytes, hdr: _Header, source: str, max_bytes: int):
+        self.data, self.hdr, self.source, self.max_bytes = data, hdr, source, max_bytes
+        self.total = 0
+        self.used: dict[int, str] = {}
+
+    def fail(self, what: str, msg: str) -> FormatError:
+        return _fail(self.source, f"{what}: {msg}")
+
+    def section(self, ref, what: str, length: int | None = None) -> int:
+        if not _is_int(ref) or ref >= len(self.hdr.sections):
+            raise self.fail(what, f"refers to section {ref!r}, but the file has {len(self.hdr.sections)}")
+        if ref in self.used:
+            raise self.fail(what, f"section {ref} is already used by {self.used[ref]}")
+        self.used[ref] = what
+        b, e, _ = self.hdr.sections[ref]
+        if length is not None and e - b != length:
+            raise self.fail(what, f"section {ref} holds {e - b} bytes, expected {length}")
+        return ref
+
+    def sec_bytes(self, ref: int) -> memoryview:
+        b, e, _ = self.hdr.sections[ref]
+        return memoryview(self.data)[b:e]
+
+    def claim(self, what: str, nbytes: int) -> None:
+        self.total += nbytes
+        if self.total > self.max_bytes:
+            raise self.fail(what, f"the file would decode to more than {self.max_bytes:,} bytes; refusing (corrupt or hostile header)")
+
+    def stream(self, rec, what: str) -> dict:
+        if not isinstance(rec, dict):
+            raise self.fail(what, "stream record is not an object")
+        try:
+            hf.check_record(rec)
+        except hf.StreamError as e:
+            raise self.fail(what, str(e)) from None
+        self.section(rec.get("section"), what, hf.stream_size(rec))
+        return rec
+
+    def codebook_section(self, v: dict, dt: str, what: str) -> int:
+        bits = v.get("bits")
+        if not _is_int(bits) or not 1 <= bits <= 16:
+            raise self.fail(what, "codebook bits must be 1..16")
+        ref = self.section(v.get("codebook"), what + " codebook")
+        b, e, _ = self.hdr.sections[ref]
+        size = DTYPES[dt][1]
+        k, r = divmod(e - b, size)
+        if r or not 1 <= k <= (1 << bits):
+            raise self.fail(what, f"codebook section holds {e - b} bytes, not 1..{1 << bits} {dt} values")
+        return k
+
+    def tensor(self, t: dict) -> None:
+        name, dt, shape, enc = t["name"], t["dtype"], t["shape"], t["encoding"]
+        what = f"tensor {name}"
+        numel = _numel(shape)
+        size = DTYPES[dt][1]
+        if enc == "raw":
+            self.section(t.get("section"), what, numel * size)
+        else:
+            if dt not in FLOATS:
+                raise self.fail(what, f"encoding {enc} needs a floating dtype, not {dt}")
+            v = t.get("values")
+            if not isinstance(v, dict) or v.get("kind") not in ("raw", "codebook"):
+                raise self.fail(what, "values record missing or of unknown kind")
+            if enc == "sparse":
+                k, nnz = t.get("index_bits"), t.get("nnz")
+                if not _is_int(k) or not 1 <= k <= 16 or not _is_int(nnz):
+                    raise self.fail(what, "index_bits must be 1..16 and nnz a non-negative integer")
+                g = self.stream(t.get("gaps"), what + " gaps")
+                if g["alphabet"] != 1 << k:
+                    raise self.fail(what, "gap stream alphabet does not match index_bits")
+                if numel >= (g["count"] + 1) * ((1 << k) - 1) + 1 or nnz > g["count"]:
+                    raise self.fail(what, f"shape {shape} ({numel:,} elements) is more than its {g['count']:,} relative indices can cover")
+            else:
+                if v.get("kind") != "codebook":
+                    raise self.fail(what, "encoding codebook needs codebook values")
+                nnz = numel
+            if v["kind"] == "raw":
+                self.section(v.get("section"), what + " values", nnz * size)
+            else:
+                self.codebook_section(v, dt, what)
+                s = self.stream(v.get("indices"), what + " indices")
+                if s["alphabet"] != 1 << v["bits"] or s["count"] != nnz:
+                    raise self.fail(what, f"index stream holds {s['count']} symbols over {s['alphabet']}, expected {nnz} over {1 << v['bits']}")
+        self.claim(what, numel * size)
+
+    def raw_ref(self, r, what: str) -> int:
+        if not isinstance(r, dict) or r.get("dtype") not in DTYPES or not isinstance(r.get("shape"), list) \
+                or not all(_is_int(s) for s in r["shape"]):
+            raise self.fail(what, "raw tensor record needs section, dtype and shape")
+        n = _numel(r["shape"]) * DTYPES[r["dtype"]][1]
+        self.section(r.get("section"), what, n)
+        self.claim(what, n)
+        return n
+
+
+def _check_claims(data: bytes, hdr: _Header, source: str, max_bytes: int) -> _Reader:
+    rd = _Reader(data, hdr, source, max_bytes)
+    h = hdr.h
+    byname = {t["name"]: t for t in h["tensors"]}
+    for t in h["tensors"]:
+        rd.tensor(t)
+    for name, m in h["masks"].items():
+        what = f"mask {name}"
+        if not isinstance(m, dict) or m.get("encoding") not in ("support", "bitmap"):
+            raise rd.fail(what, "unknown mask encoding")
+        if m["encoding"] == "support":
+            if byname.get(name, {}).get("encoding") not in ("sparse", "codebook"):
+                raise rd.fail(what, "a 'support' mask needs a sparse or codebook tensor of the same name")
+            rd.claim(what, _numel(byname[name]["shape"]))
+        else:
+            if not isinstance(m.get("shape"), list) or not all(_is_int(s) for s in m["shape"]):
+                raise rd.fail(what, "bitmap needs a shape")
+            numel = _numel(m["shape"])
+            rd.section(m.get("section"), what, (numel + 7) // 8)
+            rd.claim(what, numel)
+    for name, q in h["quant"].items():
+        what = f"quant {name}"
+        if not isinstance(q, dict) or not isinstance(q.get("codebook"), dict) or not isinstance(q.get("assignments"), dict):
+            raise rd.fail(what, "needs codebook and assignments records")
+        t = byname.get(name, {})
+        shared = t.get("values", {}).get("kind") == "codebook" if isinstance(t.get("values"), dict) else False
+        for key in ("codebook", "assignments"):
+            r = q[key]
+            if r.get("from") == "values":
+                if not shared:
+                    raise rd.fail(what, f"{key} comes from the tensor's values, but tensor {name} has no codebook")
+                if key == "assignments":
+                    if r.get("dtype") not in DTYPES or DTYPES[r["dtype"]][0].is_floating_point or not isinstance(r.get("fill"), int):
+                        raise rd.fail(what, "assignments need an integer dtype and fill")
+                    rd.claim(what, _numel(t["shape"]) * DTYPES[r["dtype"]][1])
+            else:
+                rd.raw_ref(r, f"{what} {key}")
+    arch = h["arch"]
+    if isinstance(arch.get("archive"), dict):
+        rd.raw_ref(arch["archive"], "arch archive")
+    return rd
+
+
+# ---- reading: decode ---------------------------------------------------------------------------
+
+def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_BYTES) -> Checkpoint:
+    """Decode a .dcz file into a Checkpoint; any defect raises a one-line FormatError."""
+    data = bytes(data)
+    hdr = read_header(data, source)
+    rd = _check_claims(data, hdr, source, max_bytes)
+    h = hdr.h
+    for i, (b, e, crc) in enumerate(hdr.sections):
+        if zlib.crc32(memoryview(data)[b:e]) != crc:
+            raise _fail(source, f"section {i} ({rd.used.get(i, 'unused')}) checksum mismatch (corrupt file)")
+    # all streams of the file decoded together
+    items, owners = [], []
+    for t in h["tensors"]:
+        if t["encoding"] == "sparse":
+            items.append((t["gaps"], rd.sec_bytes(t["gaps"]["section"])))
+            owners.append(t["name"])
+        if t["encoding"] != "raw" and t["values"]["kind"] == "codebook":
+            s = t["values"]["indices"]
+            items.append((s, rd.sec_bytes(s["section"])))
+            owners.append(t["name"])
+    try:
+        decoded = hf.decode_streams(items)
+    except hf.StreamError as e:
+        who = owners[e.index] if e.index is not None else "?"
+        raise _fail(source, f"tensor {who}: {e}") from None
+    it = iter(decoded)
+    state_dict: dict[str, torch.Tensor] = {}
+    support: dict[str, np.ndarray] = {}
+    indices: dict[str, np.ndarray] = {}
+    for t in h["tensors"]:
+        name, dt, shape = t["name"], t["dtype"], t["shape"]
+        size = DTYPES[dt][1]
+        numel = _numel(shape)
+        what = f"tensor {name}"
+        if t["encoding"] == "raw":
+            arr = np.frombuffer(rd.sec_bytes(t["section"]), dtype=f"<i{size}").copy()
+            if dt == "bool" and arr.size and (arr.view(np.uint8) > 1).any():
+                raise rd.fail(what, "bool bytes other than 0 and 1")
+            state_dict[name] = _from_bits(arr, dt, shape)
+            continue
+        if t["encoding"] == "sparse":
+            try:
+                pos = gap_positions(next(it), numel, t["index_bits"])
+            except ValueError as e:
+                raise rd.fail(what, str(e)) from None
+            if len(pos) != t["nnz"]:
+                raise rd.fail(what, f"relative indices list {len(pos)} values, header says nnz {t['nnz']}")
+        else:
+            pos = None
+        v = t["values"]
+        if v["kind"] == "raw":
+            vals = np.frombuffer(rd.sec_bytes(v["section"]), dtype=f"<i{size}")
+        else:
+            cb = np.frombuffer(rd.sec_bytes(v["codebook"]), dtype=f"<i{size}")
+            idx = next(it)
+            if idx.size and int(idx.max()) >= len(cb):
+                raise rd.fail(what, f"codebook index {int(idx.max())} out of range for {len(cb)} entries")
+            vals = cb[idx]
+            indices[name] = idx
+        if pos is None:
+            out = np.ascontiguousarray(vals, dtype=f"=i{size}")
+        else:
+            out = np.zeros(numel, dtype=f"=i{size}")
+            out[pos] = vals
+            support[name] = pos
+        state_dict[name] = _from_bits(out, dt, shape)
+    masks = {}
+    for name, m in h["masks"].items():
+        if m["encoding"] == "support":
+            shape = next(t["shape"] for t in h["tensors"] if t["name"] == name)
+            numel = _numel(shape)
+            if name in support:
+                flat = np.zeros(numel, dtype=bool)
+                flat[support[name]] = True
+            else:
+                flat = np.ones(numel, dtype=bool)
+            masks[name] = torch.from_numpy(flat).reshape(shape)
+        else:
+            numel = _numel(m["shape"])
+            raw = np.frombuffer(rd.sec_bytes(m["section"]), dtype=np.uint8)
+            bits = np.unpackbits(raw)
+            if bits[numel:].any():
+                raise rd.fail(f"mask {name}", "padding bits of the bitmap are not zero")
+            masks[name] = torch.from_numpy(bits[:numel].astype(bool)).reshape(m["shape"])
+    quant = {}
+    for name, q in h["quant"].items():
+        entry: dict[str, Any] = {}
+        if "bits" in q:
+            entry["bits"] = q["bits"]
+        t = next((t for t in h["tensors"] if t["name"] == name), None)
+        for key in ("codebook", "assignments"):
+            r = q[key]
+            if r.get("from") == "values":
+                size = DTYPES[t["dtype"]][1]
+                if key == "codebook":
+                    cb = np.frombuffer(rd.sec_bytes(t["values"]["codebook"]), dtype=f"<i{size}").copy()
+                    entry[key] = _from_bits(cb, t["dtype"], [len(cb)])
+                else:
+                    adt = r["dtype"]
+                    tdtype = DTYPES[adt][0]
+                    numel = _numel(t["shape"])
+                    if name in support:
+                        a = torch.full((numel,), r["fill"], dtype=torch.int64)
+                        a[torch.from_numpy(support[name])] = torch.from_numpy(indices[name])
+                    else:
+                        a = torch.from_numpy(indices[name].astype(np.int64))
+                    entry[key] = a.to(tdtype).reshape(t["shape"])
+            else:
+                arr = np.frombuffer(rd.sec_bytes(r["section"]), dtype=f"<i{DTYPES[r['dtype']][1]}").copy()
+                entry[key] = _from_bits(arr, r["dtype"], r["shape"])
+        if isinstance(q.get("extra"), dict):
+            entry.update(q["extra"])
+        quant[name] = entry
+    arch = dict(h["arch"])
+    if isinstance(arch.get("archive"), dict):
+        r = arch["archive"]
+        arr = np.frombuffer(rd.sec_bytes(r["section"]), dtype=f"<i{DTYPES[r['dtype']][1]}").copy()
+        arch["archive"] = _from_bits(arr, r["dtype"], r["shape"])
+    return Checkpoint(arch=arch, state_dict=state_dict, input_shape=list(h["input_shape"]),
+                      num_classes=int(h["num_classes"]), masks=masks, quant=quant, data=h["data"],
+                      provenance=list(h["provenance"]))
+
+
+# ---- inspect (header only) ---------------------------------------------------------------------
+
+def _stream_stats(s: dict | None) -> dict | None:
+    if not s:
+        return None
+    n = s["count"]
+    payload = hf.stream_size(s) - hf.table_bytes(s)
+    bps = (s["bits"] if s["coding"] == "huffman" else n * s["width"]) / n if n else 0.0
+    ent = s.get("entropy") if isinstance(s.get("entropy"), (int, float)) else None
+    return {"coding": s["coding"], "count": n, "bits_per_symbol": bps, "entropy": ent,
+            "over_entropy": (bps / ent - 1) if ent else None,
+            "payload_bytes": payload, "table_bytes": hf.table_bytes(s)}
+
+
+def inspect_bytes(data: bytes, source: str = "input") -> dict:
+    """Per-tensor sizes and stream statistics from the header and section table alone."""
+    hdr = read_header(data, source)
+    rd = _check_claims(data, hdr, source, DEFAULT_MAX_BYTES * 1024)
+    h = hdr.h
+
+    def slen(ref) -> int:
+        b, e, _ = hdr.sections[ref]
+        return e - b
+
+    rows = []
+    for t in h["tensors"]:
+        numel = _numel(t["shape"])
+        parts = {"indices": 0, "values": 0, "codebook": 0, "tables": 0, "other": 0}
+        gaps = vals = None
+        bits = None
+        nnz = None
+        if t["encoding"] == "raw":
+            parts["values"] = slen(t["section"])
+        else:
+            v = t["values"]
+            nnz = t["nnz"] if t["encoding"] == "sparse" else numel
+            if t["encoding"] == "sparse":
+                gaps = _stream_stats(t["gaps"])
+                parts["indices"] = gaps["payload_bytes"]
+                parts["tables"] += gaps["table_bytes"]
+            if v["kind"] == "raw":
+                parts["values"] = slen(v["section"])
+            else:
+                bits = v["bits"]
+                vals = _stream_stats(v["indices"])
+                parts["values"] = vals["payload_bytes"]
+                parts["tables"] += vals["table_bytes"]
+                parts["codebook"] = slen(v["codebook"])
+        m = h["masks"].get(t["name"])
+        if m and m.get("encoding") == "bitmap":
+            parts["other"] += slen(m["section"])
+        q = h["quant"].get(t["name"])
+        if q:
+            for key in ("codebook", "assignments"):
+                if "section" in q[key]:
+                    parts["other"] += slen(q[key]["section"])
+        total = sum(parts.values())
+        rows.append({"name": t["name"], "shape": t["shape"], "dtype": t["dtype"], "encoding": t["encoding"],
+                     "numel": numel, "nnz": nnz, "density": (nnz / numel) if nnz is not None and numel else None,
+                     "bits": bits, "index_bits": t.get("index_bits"), "bytes": parts, "total_bytes": total,
+                     "ratio": (numel * 4 / total) if total else None, "gaps": gaps, "indices": vals})
+    dense = sum(r["numel"] * 4 for r in rows)
+    file_bytes = len(data)
+    return {"source": source, "version": f"{MAJOR}.{struct.unpack_from('<H', data, 10)[0]}",
+            "dcomp_version": h.get("dcomp_version"), "arch": {k: v for k, v in h["arch"].items() if k != "archive"},
+            "file_bytes": file_bytes, "header_bytes": hdr.d, "sections": len(hdr.sections),
+            "dense_float32_bytes": dense, "ratio": dense / file_bytes if file_bytes else None,
+            "params": sum(r["numel"] for r in rows), "layers": rows, "provenance_stages": [p.get("stage") for p in h["provenance"] if isinstance(p, dict)]}
