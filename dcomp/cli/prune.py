@@ -1,0 +1,125 @@
+"""Prune a model: unstructured magnitude (layer-wise, global, Han's std), N:M, or structured
+neuron/filter/channel pruning that makes the model smaller; optionally iterative with retraining.
+
+Examples:
+  dcomp prune model.pt --sparsity 0.9 -o pruned.pt
+  dcomp prune model.pt --method global --sparsity 0.9 --layer 'fc3=0.5' -o pruned.pt
+  dcomp prune model.pt --method filter --sparsity 0.5 -o thin.pt
+  dcomp prune model.pt --sparsity 0.9 --rounds 3 --epochs-per-round 4 --data digits -o pruned.pt
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from dcomp.cli import common
+from dcomp.cli.common import (ArchKwargsOpt, ArchOpt, BatchSizeOpt, DataOpt, InputArg, LrOpt, LrScheduleOpt,
+                              MomentumOpt, OptimizerOpt, OutputOpt, ResizeOpt, WeightDecayOpt)
+from dcomp.errors import UsageError
+
+
+def prune(
+    model: InputArg = None,
+    output: OutputOpt = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="magnitude (layer-wise), global, std, nm, neuron, filter or channel")] = "magnitude",
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", help="fraction of weights (structured: units) to remove, in [0, 1)")] = None,
+    quality: Annotated[Optional[float], typer.Option("--quality", help="std method: prune |w| <= quality x std(layer)")] = None,
+    nm: Annotated[Optional[str], typer.Option("--nm", help="nm method: N kept of every M weights (default 2:4)")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="per-layer override REGEX=VALUE, e.g. 'fc3=0.7' (0 = dense); repeatable")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="leave layers matching REGEX dense; repeatable")] = None,
+    min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="leave layers with fewer weights dense")] = 100,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="iterative pruning: reach the target in N prune-retrain steps")] = 1,
+    epochs_per_round: Annotated[int, typer.Option("--epochs-per-round", min=0, help="retraining epochs after each round (needs data)")] = 0,
+    schedule: Annotated[str, typer.Option("--schedule", help="sparsity over rounds: linear (s*i/N) or cubic")] = "linear",
+    data: DataOpt = None,
+    resize: ResizeOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    lr: LrOpt = 0.01,
+    optimizer: OptimizerOpt = "sgd",
+    momentum: MomentumOpt = 0.9,
+    weight_decay: WeightDecayOpt = 0.0,
+    lr_schedule: LrScheduleOpt = "cosine",
+):
+    from pydantic import ValidationError
+
+    from dcomp.compressors.pruning import PruneConfig, apply_prune, config_error
+    from dcomp.stages import StageContext
+
+    overrides: dict[str, str] = {}
+    for item in layer or []:
+        rx, sep, val = item.rpartition("=")
+        if not sep or not rx:
+            raise UsageError(f"--layer {item!r}: expected REGEX=VALUE, e.g. 'fc3=0.7'")
+        overrides[rx] = val
+    retrain_cfg = None
+    if epochs_per_round > 0:
+        retrain_cfg = common.train_config(epochs=epochs_per_round, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                                          momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule)
+    try:
+        cfg = PruneConfig(method=method, sparsity=sparsity, quality=quality, nm=nm, layers=overrides,
+                          exclude=list(exclude or []), min_weights=min_weights, rounds=rounds, schedule=schedule,
+                          retrain=retrain_cfg)
+    except ValidationError as e:
+        raise UsageError(config_error(e)) from None
+
+    inp = common.read_input(model)
+    sink = common.plan_output(output, inp)
+    ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
+    ds = common.dataset_for(ckpt, data, resize) if (data is not None or retrain_cfg is not None) else None
+    con = common.console()
+    result = apply_prune(ckpt, cfg, StageContext(data=ds, console=con, seed=common.state.seed,
+                                                 trust_pickle=common.state.trust_pickle))
+    dest = sink.write(result.checkpoint.to_bytes())
+    summary = {"output": dest, **result.metrics}
+    common.emit(summary, lambda c: render(c, result.metrics, dest))
+
+
+def render(c, metrics: dict, dest: str) -> None:
+    """Per-layer table, overall line, and the rounds (if any), on the stderr console."""
+    from rich.table import Table
+
+    from dcomp.cli.ui import fmt, kv_table
+
+    rows = metrics["layers"]
+    if metrics["structured"]:
+        t = Table(title=f"pruned ({metrics['method']}, {metrics['target']} of units)", title_justify="left")
+        t.add_column("layer", no_wrap=True)
+        t.add_column("shape", no_wrap=True)
+        t.add_column("weights", justify="right", no_wrap=True)
+        t.add_column("note")
+        for r in rows:
+            t.add_row(r["layer"], f"{'x'.join(map(str, r['shape_before']))} -> {'x'.join(map(str, r['shape_after']))}",
+                      f"{fmt(r['weights_before'])} -> {fmt(r['weights_after'])}", r["note"].split(" (")[0])
+        o = metrics["overall"]
+        overall = {"params": f"{o['params_before']:,} -> {o['params_after']:,} ({o['param_ratio']:.1%})"}
+        if "conv_ratio" in o:
+            overall["conv weights"] = f"{o['conv_weights_before']:,} -> {o['conv_weights_after']:,} ({o['conv_ratio']:.1%})"
+    else:
+        t = Table(title=f"pruned ({metrics['method']}, target {metrics['target']})", title_justify="left")
+        for col in ("layer", "shape", "weights", "pruned", "sparsity", "note"):
+            t.add_column(col, justify="right" if col in ("weights", "pruned", "sparsity") else "left")
+        for r in rows:
+            t.add_row(r["layer"], "x".join(map(str, r["shape"])), fmt(r["weights"]), fmt(r["pruned"]),
+                      f"{r['sparsity']:.2%}", r["note"])
+        o = metrics["overall"]
+        overall = {"prunable weights pruned": f"{o['pruned']:,} / {o['prunable_weights']:,} ({o['sparsity']:.2%})",
+                   "non-zero / params": f"{o['nonzero']:,} / {o['params']:,}"}
+    c.print(t)
+    if "top1_before" in metrics:
+        overall["test top-1 % before"] = metrics["top1_before"]
+        overall["test top-1 % after"] = metrics["top1_after"]
+    overall["output"] = dest
+    c.print(kv_table("overall", overall))
+    hist = metrics.get("history") or []
+    if len(hist) > 1:
+        h = Table(title="rounds", title_justify="left")
+        keys = [k for k in ("round", "target", "top1_pruned", "top1_retrained") if any(k in r for r in hist)]
+        for k in keys:
+            h.add_column(k.replace("_", " "), justify="right")
+        for r in hist:
+            h.add_row(*[fmt(r[k]) if k in r else "" for k in keys])
+        c.print(h)
