@@ -66,12 +66,16 @@ def init_centroids(xs: torch.Tensor, k: int, init: str, seed: int = 0) -> torch.
 
 @torch.no_grad()
 def kmeans1d(values: torch.Tensor, k: int, init: str = "linear", max_iter: int = 300, seed: int = 0,
-             centroids: torch.Tensor | None = None, with_inertia: bool = True) -> KMeansResult:
+             centroids: torch.Tensor | None = None, with_inertia: bool = True,
+             relocate_empty: bool = True) -> KMeansResult:
     """Lloyd's k-means on 1-D ``values`` with sorted boundaries; see the module docstring.
 
     ``centroids`` (optional) gives the initial centroids directly and overrides ``init``.
     The returned labels are the nearest-centroid assignment to the final float32 codebook.
     ``with_inertia=False`` skips the O(n) error sum (``inertia`` is then NaN).
+    ``relocate_empty``: a cluster left empty takes over half of the range with the largest squared
+    error (split at its mean), so no codebook entry is wasted (pruned layers leave a gap around
+    zero where linearly spaced centroids find no weights).
     """
     if k < 1:
         raise UsageError(f"k-means needs at least one cluster, got k={k}")
@@ -104,6 +108,7 @@ def kmeans1d(values: torch.Tensor, k: int, init: str = "linear", max_iter: int =
     ends = torch.tensor([n], dtype=torch.long)
     zero = torch.zeros(1, dtype=torch.long)
     splits: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
     iterations, converged = 0, False
     for _ in range(max_iter):
         # assignment step: a value belongs right of a boundary (a centroid midpoint) when it is >= it
@@ -120,11 +125,37 @@ def kmeans1d(values: torch.Tensor, k: int, init: str = "linear", max_iter: int =
         # means of ordered ranges are ordered, and an empty range's kept centroid lies between its
         # neighbours' new means, so c stays ascending and c[j] stays the centroid of range j
         c = torch.where(counts > 0, sums / counts.clamp(min=1), c)
+        if relocate_empty and bool((counts == 0).any()):
+            if squares is None:
+                squares = torch.zeros(n + 1, dtype=torch.float64)
+                torch.cumsum(xs.double() ** 2, 0, out=squares[1:])
+            c = _relocate(c, edges, counts, sums, prefix, squares, xs)
 
     # final assignment: every value to its nearest centroid (as float32, the codebook that is stored)
-    edges = torch.cat([zero, splits, ends])
-    codebook = c[edges[1:] > edges[:-1]].float()
+    codebook = c.float()
     return _assign(x, xs, codebook, iterations, converged, distinct, with_inertia)
+
+
+def _relocate(c, edges, counts, sums, prefix, squares, xs) -> torch.Tensor:
+    """Move empty clusters into the ranges with the largest squared error, splitting each at its mean."""
+    empty = torch.nonzero(counts == 0).squeeze(1)
+    lo, hi = edges[:-1], edges[1:]
+    cnt = counts.double().clamp(min=1)
+    sse = ((squares[hi] - squares[lo]) - sums * sums / cnt).clamp(min=0)
+    sse = torch.where((counts >= 2) & (xs[(hi - 1).clamp(min=0)] > xs[lo.clamp(max=xs.numel() - 1)]), sse,
+                      torch.full_like(sse, -1.0))
+    m = min(empty.numel(), int((sse >= 0).sum()))
+    if m == 0:
+        return c
+    donors = torch.topk(sse, m).indices
+    dlo, dhi = lo[donors], hi[donors]
+    cut = torch.searchsorted(xs, _f32_ceil(c[donors])).clamp(min=dlo + 1, max=dhi - 1)
+    left = (prefix[cut] - prefix[dlo]) / (cut - dlo).double()
+    right = (prefix[dhi] - prefix[cut]) / (dhi - cut).double()
+    c = c.clone()
+    c[donors] = left
+    c[empty[:m]] = right
+    return torch.sort(c).values
 
 
 def _assign(x: torch.Tensor, xs: torch.Tensor, codebook: torch.Tensor, iterations: int, converged: bool,

@@ -1,0 +1,97 @@
+"""Share weights by k-means: each layer's non-pruned weights become 2^bits centroids (codebook +
+per-weight index), optionally with centroid fine-tuning. Default bits: 8 for conv, 5 for fc.
+A checkpoint already quantized to fewer bits than asked is refused unless --requantize."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from dcomp.cli import common
+from dcomp.cli.common import (ArchKwargsOpt, ArchOpt, BatchSizeOpt, DataOpt, InputArg, LrOpt, LrScheduleOpt,
+                              MomentumOpt, OptimizerOpt, OutputOpt, ResizeOpt, SelectOpt, WeightDecayOpt)
+from dcomp.cli.ui import TrainProgress, fmt, kv_table
+
+
+def quantize(
+    model: InputArg = None,
+    output: OutputOpt = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="bits for every layer (k = 2^bits clusters), 1..16")] = None,
+    conv_bits: Annotated[Optional[int], typer.Option("--conv-bits", help="bits for conv weights (default: --bits, else 8)")] = None,
+    fc_bits: Annotated[Optional[int], typer.Option("--fc-bits", help="bits for fully connected weights (default: --bits, else 5)")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="REGEX=BITS for weights whose name matches (re.search; last match wins); repeatable")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="leave weights whose name matches REGEX unquantized; repeatable")] = None,
+    init: Annotated[str, typer.Option("--init", help="k-means initialisation: linear, density or random (uses --seed)")] = "linear",
+    max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="Lloyd iterations at most")] = 300,
+    requantize: Annotated[bool, typer.Option("--requantize", help="allow more bits than a layer is already quantized to (keeps its values)")] = False,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="epochs of centroid fine-tuning (needs data)")] = 0,
+    centroid_lr: Annotated[Optional[float], typer.Option("--centroid-lr", help="centroid learning rate (default: --lr, scheduled)")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    data: DataOpt = None,
+    resize: ResizeOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    lr: LrOpt = 0.01,
+    optimizer: OptimizerOpt = "sgd",
+    momentum: MomentumOpt = 0.9,
+    weight_decay: WeightDecayOpt = 0.0,
+    lr_schedule: LrScheduleOpt = "cosine",
+    select: SelectOpt = "last",
+):
+    from pydantic import ValidationError
+
+    from dcomp.compressors.quantization import QuantizeConfig, apply_quantize, parse_layer_bits
+    from dcomp.stages import StageContext
+
+    finetune = None
+    if finetune_epochs > 0:
+        finetune = common.train_config(epochs=finetune_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                                       momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule,
+                                       select=select)
+    try:
+        cfg = QuantizeConfig(bits=bits, conv_bits=conv_bits, fc_bits=fc_bits, layers=parse_layer_bits(layer or []),
+                             exclude=list(exclude or []), init=init, max_iter=max_iter, requantize=requantize,
+                             finetune=finetune, centroid_lr=centroid_lr)
+    except ValidationError as e:
+        raise common.UsageError(_message(e)) from None
+
+    inp = common.read_input(model)
+    sink = common.plan_output(output, inp)
+    ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
+    ds = common.dataset_for(ckpt, data, resize) if (data is not None or finetune is not None) else None
+    con = common.console()
+    ctx = StageContext(data=ds, console=con, seed=common.state.seed, trust_pickle=common.state.trust_pickle)
+    result = apply_quantize(ckpt, cfg, ctx, progress=TrainProgress(con, "centroid fine-tune") if finetune else None)
+    out, metrics = result.checkpoint, result.metrics
+    dest = sink.write(out.to_bytes())
+    common.emit({"output": dest, **metrics}, lambda c: _render(c, metrics, dest))
+
+
+def _message(e) -> str:
+    err = e.errors()[0]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "value_error":
+        return msg
+    return common.pydantic_message(e)
+
+
+def _render(c, metrics: dict, dest: str) -> None:
+    t = Table(title="quantized (k-means weight sharing)", title_justify="left")
+    for col in ("layer", "bits", "clusters", "non-zeros", "MSE", "SQNR dB", "note"):
+        t.add_column(col, justify="left" if col in ("layer", "note") else "right")
+    for name, m in metrics["layers"].items():
+        sqnr = "exact" if m["sqnr_db"] is None else f"{m['sqnr_db']:.1f}"
+        t.add_row(name, str(m["bits"]), f"{m['clusters']}/{m['k']}", fmt(m["nonzero"]), f"{m['mse']:.3g}", sqnr,
+                  m.get("note", "" if m["converged"] else f"stopped after {m['iterations']} iterations"))
+    for name, why in metrics["skipped"].items():
+        t.add_row(name, "-", "-", "-", "-", "-", why)
+    c.print(t)
+    rows = {}
+    for key, label in (("top1_before", "test top-1 % before"), ("top1_quantized", "test top-1 % quantized"),
+                       ("top1_finetuned", "test top-1 % fine-tuned")):
+        if key in metrics:
+            rows[label] = metrics[key]
+    rows["output"] = dest
+    c.print(kv_table("accuracy" if "top1_before" in metrics else "result", rows))
