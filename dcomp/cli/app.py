@@ -154,6 +154,7 @@ def _register() -> None:
     app.command("zoo", help=zoo.__doc__)(zoo.zoo)
     app.command("retrain", help=retrain.__doc__)(retrain.retrain)
     from dcomp.cli import prune; app.command("prune", help=prune.__doc__)(prune.prune)  # noqa: E702
+    from dcomp.cli import quantize; app.command("quantize", help=quantize.__doc__)(quantize.quantize)  # noqa: E702
 
 
 _register()
