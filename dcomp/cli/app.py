@@ -155,6 +155,7 @@ def _register() -> None:
     app.command("retrain", help=retrain.__doc__)(retrain.retrain)
     from dcomp.cli import prune; app.command("prune", help=prune.__doc__)(prune.prune)  # noqa: E702
     from dcomp.cli import quantize; app.command("quantize", help=quantize.__doc__)(quantize.quantize)  # noqa: E702
+    from dcomp.cli import pack; [app.command(n, help=getattr(pack, n).__doc__)(getattr(pack, n)) for n in ("pack", "unpack", "inspect")]  # noqa: E702
 
 
 _register()
