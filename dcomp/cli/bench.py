@@ -1,0 +1,111 @@
+"""Benchmark a model in onnxruntime beside its dense original: latency p50/p90/p99, throughput,
+size, memory and accuracy for every variant (dense, shrunk, sparse, hybrid sparse path) and
+eager PyTorch, in one process with the same --threads; plus the sparse kernel's break-even."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from dcomp.cli import common
+from dcomp.cli.common import ArchKwargsOpt, ArchOpt, DataOpt, InputArg, ResizeOpt
+from dcomp.cli.ui import human_bytes
+
+
+def bench(
+    model: InputArg = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="the dense original (any model file): "
+                                                                       "the reference for speed")] = None,
+    batch: Annotated[str, typer.Option("--batch", help="batch sizes, comma separated")] = "1,8,64",
+    variants: Annotated[str, typer.Option("--variants", help="any of dense,shrunk,sparse,hybrid")] = "dense,shrunk,sparse,hybrid",
+    kernel: Annotated[str, typer.Option("--kernel", help="sparse kernel of the hybrid path: torch (CSR) or numba")] = "torch",
+    min_sparsity: Annotated[float, typer.Option("--min-sparsity", help="hybrid: run a Linear layer sparse from this fraction of zeros")] = 0.5,
+    warmup: Annotated[int, typer.Option("--warmup", help="untimed calls per target and batch size")] = 10,
+    iters: Annotated[int, typer.Option("--iters", help="timed calls per target and batch size (at most)")] = 100,
+    seconds: Annotated[float, typer.Option("--seconds", help="time budget per target and batch size")] = 2.0,
+    sweep: Annotated[bool, typer.Option("--sweep/--no-sweep", help="measure the sparse kernel's break-even sparsity")] = True,
+    sweep_sparsities: Annotated[str, typer.Option("--sweep-sparsities", help="sparsities for the break-even sweep")] = "0.5,0.7,0.8,0.9,0.95,0.98,0.99",
+    eager: Annotated[bool, typer.Option("--eager/--no-eager", help="also time eager PyTorch")] = True,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="dataset for inputs and accuracy (default: the model's "
+                                                               "own, else digits); 'none': random inputs, no accuracy")] = None,
+    resize: ResizeOpt = None,
+):
+    from dcomp.runtime.bench import BenchConfig, parse_float_list, parse_int_list, run_bench
+    from dcomp.runtime.runner import resolve_threads
+
+    cfg = _config(batches=parse_int_list(batch, "--batch"),
+                  variants=[v.strip() for v in variants.split(",") if v.strip()], kernel=kernel,
+                  min_sparsity=min_sparsity, warmup=warmup, iters=iters, seconds=seconds, sweep=sweep,
+                  sweep_sparsities=parse_float_list(sweep_sparsities, "--sweep-sparsities"), eager=eager)
+    inp = common.read_input(model)
+    base_inp = common.read_input(baseline, "a baseline model file") if baseline else None
+    ckpt = common.load_checkpoint(inp, arch, arch_kwargs, None if data == "none" else data, resize)
+    base = common.load_checkpoint(base_inp, arch, arch_kwargs, None if data == "none" else data, resize) if base_inp else None
+    ds = None if data == "none" else common.dataset_for(ckpt, data, resize)
+    threads = resolve_threads(common.state.threads)
+    con = common.console()
+    summary = run_bench(ckpt, cfg, threads, baseline=base, data=ds, trust_pickle=common.state.trust_pickle,
+                        seed=common.state.seed, log=lambda s: con.print(f"[dim]{s}[/dim]"))
+    summary = {"model": inp.source, "baseline": base_inp.source if base_inp else None, **summary}
+    common.emit(summary, lambda c: render(c, summary))
+
+
+def _config(**values):
+    from pydantic import ValidationError
+
+    from dcomp.errors import UsageError
+    from dcomp.runtime.bench import BenchConfig
+
+    names = {"batches": "batch", "sweep_sparsities": "sweep-sparsities", "min_sparsity": "min-sparsity"}
+    try:
+        return BenchConfig(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        opt = names.get(str(err["loc"][0]), str(err["loc"][0]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if opt == "kernel":
+            msg = "must be torch or numba"
+        raise UsageError(f"--{opt}: {msg} (got {err.get('input')!r})") from None
+
+
+def render(c, s: dict) -> None:
+    from dcomp.runtime.sparse import speed_words
+
+    load = s.get("loadavg")
+    title = (f"bench {s['model']}  threads={s['threads']}  reference: {s['reference']}"
+             + (f"  load avg {load[0]:.1f}" if load else ""))
+    t = Table(title=title, title_justify="left")
+    for col in ("target", "engine", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "vs reference",
+                "size", "mem", "top-1 %"):
+        t.add_column(col, justify="left" if col in ("target", "engine", "vs reference") else "right")
+    for tg in s["targets"]:
+        for i, r in enumerate(tg["results"]):
+            first = i == 0
+            t.add_row(tg["name"] if first else "", tg["engine"] if first else "", str(r["batch"]),
+                      f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['throughput_per_s']:,.0f}",
+                      "reference" if tg["name"] == s["reference"] else speed_words(r["vs_reference"]),
+                      human_bytes(tg["model_bytes"]) if first and tg["model_bytes"] else "",
+                      human_bytes(tg["rss_added_bytes"]) if first and tg["rss_added_bytes"] is not None else "",
+                      f"{tg['top1']:.2f}" if first and tg["top1"] is not None else "")
+    c.print(t)
+    c.print(f"[dim]mem: {s['memory_how']}; size of a hybrid target: its ONNX segments + CSR arrays[/dim]")
+    for n in s.get("notes", []):
+        c.print(f"note: {n}")
+    sw = s.get("sweep")
+    if sw:
+        st = Table(title=f"sparse {sw['kernel']} CSR kernel vs dense onnxruntime Gemm, one layer (random masks)",
+                   title_justify="left")
+        for col in ("layer", "sparsity", "batch", "dense ms", "sparse ms", "sparse is"):
+            st.add_column(col, justify="right" if col not in ("sparse is",) else "left")
+        for r in sw["rows"]:
+            st.add_row(f"{r['shape'][0]}x{r['shape'][1]}", f"{r['sparsity']:.0%}", str(r["batch"]),
+                       f"{r['dense_s'] * 1e3:.3f}", f"{r['sparse_s'] * 1e3:.3f}", speed_words(r["speedup"]))
+        c.print(st)
+        for shape, per_batch in sw["break_even"].items():
+            parts = [f"batch {b}: " + (f"{v:.0%}" if v is not None else "never (dense always faster)")
+                     for b, v in per_batch.items()]
+            c.print(f"break-even sparsity for {shape}: " + ", ".join(parts))
