@@ -156,6 +156,7 @@ def _register() -> None:
     from dcomp.cli import prune; app.command("prune", help=prune.__doc__)(prune.prune)  # noqa: E702
     from dcomp.cli import quantize; app.command("quantize", help=quantize.__doc__)(quantize.quantize)  # noqa: E702
     from dcomp.cli import pack; [app.command(n, help=getattr(pack, n).__doc__)(getattr(pack, n)) for n in ("pack", "unpack", "inspect")]  # noqa: E702
+    from dcomp.cli import bench, export; app.command("export", help=export.__doc__)(export.export); app.command("bench", help=bench.__doc__)(bench.bench)  # noqa: E702
 
 
 _register()
