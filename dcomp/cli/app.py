@@ -153,6 +153,7 @@ def _register() -> None:
     app.command("info", help=info.__doc__)(info.info)
     app.command("zoo", help=zoo.__doc__)(zoo.zoo)
     app.command("retrain", help=retrain.__doc__)(retrain.retrain)
+    from dcomp.cli import recipe, run; app.command("run", help=run.__doc__)(run.run); app.add_typer(recipe.recipe_app, name="recipe")  # noqa: E702
     from dcomp.cli import prune; app.command("prune", help=prune.__doc__)(prune.prune)  # noqa: E702
     from dcomp.cli import quantize; app.command("quantize", help=quantize.__doc__)(quantize.quantize)  # noqa: E702
     from dcomp.cli import pack; [app.command(n, help=getattr(pack, n).__doc__)(getattr(pack, n)) for n in ("pack", "unpack", "inspect")]  # noqa: E702
