@@ -32,11 +32,11 @@ def _ckpt(name="lenet-300-100", shape=(1, 8, 8), model=None, data=None):
 
 @pytest.fixture(scope="module")
 def trained():
-    """LeNet-300-100 trained 2 epochs on digits (a few seconds)."""
+    """LeNet-300-100 trained 3 epochs on digits (a few seconds)."""
     ds = load_dataset("digits")
     torch.manual_seed(0)
     model = build_zoo("lenet-300-100", ds.input_shape, ds.num_classes)
-    fit(model, ds, TrainConfig(epochs=2), seed=0)
+    fit(model, ds, TrainConfig(epochs=3), seed=0)
     return _ckpt(model=model, data={"spec": "digits", "resize": None}), ds
 
 
