@@ -40,6 +40,9 @@ def ort_session(onnx_bytes: bytes, threads: int):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # Idle onnxruntime threads spin by default; with 2 cores that steals the CPU from the next
+    # engine (torch, numba) in an interleaved or hybrid run. Off for every session, so it is fair.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types

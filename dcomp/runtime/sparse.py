@@ -33,6 +33,10 @@ from torch import nn
 from dcomp.errors import DcompError, UsageError
 
 KERNELS = ("torch", "numba")
+# Below this many multiply-adds the torch kernel runs on one thread: waking torch's OpenMP
+# workers costs more than the work, and under load a sleeping worker stalls the call for a
+# scheduler tick (measured: 20 ms on a 100x300 layer beside onnxruntime on 2 busy cores).
+SMALL_WORK = 1 << 20
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -45,10 +49,17 @@ def _numba():
     if _numba_kernels:
         return _numba_kernels
     try:
+        import os
+
         import numba
         from numba import njit, prange
     except ImportError:
         raise UsageError("--kernel numba needs the numba package; use --kernel torch") from None
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # The OpenMP layer's idle threads spin and fight onnxruntime's threads for 2 cores
+        # (measured: 20 ms stalls on a 0.05 ms layer); workqueue threads sleep. This takes
+        # effect only if no parallel numba function ran before in this process.
+        numba.config.THREADING_LAYER = "workqueue"
 
     @njit(parallel=True, fastmath=True, cache=False)
     def csr_mv(rowptr, cols, vals, bias, x, y):  # x: (in,), y: (out,)
