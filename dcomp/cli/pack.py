@@ -104,20 +104,31 @@ def _stream_cell(s: dict | None) -> str:
 
 
 def _render(c, report: dict, title: str) -> None:
-    t = Table(title=title, title_justify="left", caption="bytes per part; b/sym: code bits per symbol / entropy "
-              "(h: Huffman, f: fixed width); ratio: float32 dense bytes / packed bytes", caption_justify="left")
-    cols = ["tensor", "shape", "enc", "dens", "bits", "idx", "indices", "values", "cbook", "tables", "other",
-            "total", "ratio", "idx b/sym", "val b/sym"]
+    from rich import box
+
+    wide = c.width >= 140  # narrow terminals: totals and bits/symbol only (--json has every part)
+    parts = ("indices", "values", "codebook", "tables", "other") if wide else ()
+    t = Table(title=title, title_justify="left", box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD, pad_edge=wide, collapse_padding=not wide,
+              caption="b/sym: code bits per symbol" + (" / entropy (h: Huffman, f: fixed width)" if wide else
+                                                      " of the index and value streams (--json: entropy)")
+              + "; ratio: float32 dense bytes / packed bytes", caption_justify="left")
+    streams = ["idx b/sym", "val b/sym"] if wide else ["b/sym"]
+    cols = ["tensor", "shape", "enc", "dens", "bits", "idx", *parts, "total", "ratio", *streams]
+    width = max([len(r["name"]) for r in report["layers"]] + [6])
     for col in cols:
-        t.add_column(col, justify="left" if col in ("tensor", "shape", "enc") else "right", no_wrap=col != "tensor")
+        t.add_column(col, justify="left" if col in ("tensor", "shape", "enc") else "right", no_wrap=True,
+                     min_width=min(width, 28) if col == "tensor" else None)
     for r in report["layers"]:
         b = r["bytes"]
+        if wide:
+            cells = [_stream_cell(r["gaps"]), _stream_cell(r["indices"])]
+        else:
+            cells = [",".join(f"{s['bits_per_symbol']:.2f}" for s in (r["gaps"], r["indices"]) if s and s["count"])]
         t.add_row(r["name"], "x".join(map(str, r["shape"])) or "scalar", r["encoding"],
                   f"{100 * r['density']:.1f}%" if r["density"] is not None else "",
                   str(r["bits"] or ""), str(r["index_bits"] or ""),
-                  *(f"{b[k]:,}" if b[k] else "" for k in ("indices", "values", "codebook", "tables", "other")),
-                  f"{r['total_bytes']:,}", f"{r['ratio']:.1f}x" if r["ratio"] else "",
-                  _stream_cell(r["gaps"]), _stream_cell(r["indices"]))
+                  *(f"{b[k]:,}" if b[k] else "" for k in parts),
+                  f"{r['total_bytes']:,}", f"{r['ratio']:.1f}x" if r["ratio"] else "", *cells)
     c.print(t)
     ratio = report["ratio"]
     c.print(f"file {report['file_bytes']:,} bytes ({human_bytes(report['file_bytes'])}; header {report['header_bytes']:,}), "

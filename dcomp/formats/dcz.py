@@ -406,7 +406,7 @@ def read_header(data: bytes, source: str = "input") -> _Header:
         raise _fail(source, "header checksum mismatch (corrupt file)")
     try:
         h = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise _fail(source, "header is not valid UTF-8 JSON") from None
     if not isinstance(h, dict):
         raise _fail(source, "header is not a JSON object")
@@ -593,8 +593,10 @@ def _check_claims(data: bytes, hdr: _Header, source: str, max_bytes: int) -> _Re
                 if not shared:
                     raise rd.fail(what, f"{key} comes from the tensor's values, but tensor {name} has no codebook")
                 if key == "assignments":
-                    if r.get("dtype") not in DTYPES or DTYPES[r["dtype"]][0].is_floating_point or not isinstance(r.get("fill"), int):
-                        raise rd.fail(what, "assignments need an integer dtype and fill")
+                    fill = r.get("fill")
+                    if r.get("dtype") not in DTYPES or DTYPES[r["dtype"]][0].is_floating_point \
+                            or not _is_int(fill) or fill >= 1 << t["values"].get("bits", 0):
+                        raise rd.fail(what, "assignments need an integer dtype and a fill index below 2^bits")
                     rd.claim(what, _numel(t["shape"]) * DTYPES[r["dtype"]][1])
             else:
                 rd.raw_ref(r, f"{what} {key}")
