@@ -25,6 +25,7 @@ each followed by ``retrain.epochs`` epochs of retraining with the masks kept.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -294,14 +295,36 @@ def _global_masks(weights: dict[str, torch.Tensor], current: dict[str, torch.Ten
 
 
 def _prunable_numels(ckpt: Checkpoint, trust_pickle: bool) -> dict[str, int]:
-    from dcomp.models import prunable_parameters
+    """Prunable weight names and sizes. Zoo/import architectures are built on the meta device
+    (no memory, no initialisation), so a 50M-weight layer costs nothing here."""
+    from dcomp.models import build_zoo, conform_to_state_dict, import_factory, prunable_parameters
 
-    model = ckpt.build_model(trust_pickle=trust_pickle)
-    return {n: p.numel() for n, p in prunable_parameters(model).items() if n in ckpt.state_dict}
+    model = None
+    kind = ckpt.arch.get("kind")
+    if kind in ("zoo", "import"):
+        try:
+            with torch.device("meta"):
+                if kind == "zoo":
+                    model = build_zoo(ckpt.arch["name"], ckpt.input_shape, ckpt.num_classes, **ckpt.arch.get("kwargs", {}))
+                else:
+                    model = import_factory(ckpt.arch["target"])(**ckpt.arch.get("kwargs", {}))
+                conform_to_state_dict(model, ckpt.state_dict)
+        except Exception:  # noqa: BLE001 - fall back to the ordinary build, which reports errors properly
+            model = None
+    if model is None:
+        model = ckpt.build_model(trust_pickle=trust_pickle)
+    return {n: ckpt.state_dict[n].numel() for n, p in prunable_parameters(model).items()
+            if n in ckpt.state_dict and tuple(ckpt.state_dict[n].shape) == tuple(p.shape)}
+
+
+def _shallow_copy(ckpt: Checkpoint) -> Checkpoint:
+    """A new checkpoint sharing the (never modified in place) tensors: no copy of 50M weights."""
+    return dataclasses.replace(ckpt, state_dict=dict(ckpt.state_dict), masks=dict(ckpt.masks),
+                               quant=dict(ckpt.quant), data=dict(ckpt.data), provenance=list(ckpt.provenance))
 
 
 def _prune_unstructured_round(ckpt: Checkpoint, choices, cfg: PruneConfig, frac: float) -> tuple[Checkpoint, dict[str, str]]:
-    out = ckpt.copy()
+    out = _shallow_copy(ckpt)
     masks, notes = unstructured_masks(out.state_dict, choices, cfg.method, frac, ckpt.masks)
     for name, keep in masks.items():
         out.state_dict[name] = out.state_dict[name].masked_fill(~keep, 0)
@@ -500,7 +523,7 @@ def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = N
         metrics["top1_before"] = top1_before
         last = history[-1]
         metrics["top1_after"] = last.get("top1_retrained", last.get("top1_pruned"))
-    out = out if out is not ckpt else ckpt.copy()
+    out = out if out is not ckpt else _shallow_copy(ckpt)
     params = cfg.model_dump(exclude_none=True)
     out.add_provenance("prune", params, {k: v for k, v in metrics.items() if k != "layers"}
                        | {"layer_sparsity": {r["layer"]: r.get("sparsity", r.get("units_after")) for r in rows}})
