@@ -54,7 +54,7 @@ class PruneConfig(BaseModel):
     sparsity: float | None = Field(None, description="fraction of weights (or units) to remove, in [0, 1)")
     quality: float | None = Field(None, description="std method: threshold = quality x std of the layer's weights")
     nm: str | None = Field(None, description="nm method: keep N of every M consecutive weights, e.g. 2:4")
-    layers: dict[str, str] = Field(default_factory=dict, description="regex -> this layer's own value")
+    layers: dict[str, str | float] = Field(default_factory=dict, description="regex -> this layer's own value")
     exclude: list[str] = Field(default_factory=list, description="regexes of layers to leave dense")
     min_weights: int = Field(100, ge=0, description="leave layers with fewer weights dense")
     rounds: int = Field(1, ge=1, description="iterative pruning: reach the target in this many steps")
