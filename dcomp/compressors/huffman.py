@@ -401,24 +401,38 @@ def _build_kernel():
     import numba
 
     @numba.njit(cache=True, nogil=True)
-    def kernel(buf, start, cnt, off, lut, L, expect, out):  # pragma: no cover - compiled
-        mask = (1 << L) - 1
-        shift = 32 - L
+    def kernel(buf, start, cnt, off, lbits, lut, expect, out):  # pragma: no cover - compiled
+        # a bit buffer: ``acc`` holds ``nbits`` unread bits (oldest highest), refilled a byte at a time
         o = 0
         for b in range(start.shape[0]):
-            p = start[b]
+            L = lbits[b]
+            mask = (1 << L) - 1
             base = off[b]
+            p = start[b]
+            q = p >> 3
+            acc = 0
+            nbits = 0
+            while nbits <= 48:
+                acc = ((acc << 8) | np.int64(buf[q])) & 0xFFFFFFFFFFFFFF
+                q += 1
+                nbits += 8
+            nbits -= p & 7
+            used = 0
             for _ in range(cnt[b]):
-                q = p >> 3
-                w = (buf[q] << 24) | (buf[q + 1] << 16) | (buf[q + 2] << 8) | buf[q + 3]
-                e = lut[base + ((w >> (shift - (p & 7))) & mask)]
+                if nbits < L:
+                    while nbits <= 48:
+                        acc = ((acc << 8) | np.int64(buf[q])) & 0xFFFFFFFFFFFFFF
+                        q += 1
+                        nbits += 8
+                e = lut[base + ((acc >> (nbits - L)) & mask)]
                 ln = e & 31
                 if ln == 0:
                     return b, 1
                 out[o] = e >> 5
                 o += 1
-                p += ln
-            if p - start[b] != expect[b]:
+                nbits -= ln
+                used += ln
+            if used != expect[b]:
                 return b, 2
         return -1, 0
 
@@ -427,16 +441,17 @@ def _build_kernel():
 
 def _decode_huffman_numba(huff) -> list[tuple[int, np.ndarray]]:
     kernel = _numba_kernel()
-    L = max(int(h[2].max()) for h in huff)
-    size = 1 << L
-    luts, starts, counts, offs, items, payloads = [], [], [], [], [], []
-    byte_off = 0
+    luts, starts, counts, offs, lbits, items, payloads = [], [], [], [], [], [], []
+    byte_off = lut_off = 0
+    Lmax = 1
     for k, (i, rec, lens, bb, payload) in enumerate(huff):
         lens64 = lens.astype(np.int64)
+        L = int(lens64.max())
+        Lmax = max(Lmax, L)
         used = np.flatnonzero(lens64)
         order = used[np.lexsort((used, lens64[used]))]
         span = np.int64(1) << (L - lens64[order])
-        lut = np.zeros(size, dtype=np.int64)
+        lut = np.zeros(1 << L, dtype=np.int32)
         lut[:int(span.sum())] = np.repeat((order << 5) | lens64[order], span)
         luts.append(lut)
         n, b = rec["count"], rec["block"]
@@ -445,19 +460,21 @@ def _decode_huffman_numba(huff) -> list[tuple[int, np.ndarray]]:
         cnt = np.full(nb, b, dtype=np.int64)
         cnt[-1] = n - b * (nb - 1)
         counts.append(cnt)
-        offs.append(np.full(nb, k * size, dtype=np.int64))
+        offs.append(np.full(nb, lut_off, dtype=np.int64))
+        lbits.append(np.full(nb, L, dtype=np.int64))
         items.append(np.full(nb, k, dtype=np.int64))
         payloads.append(bytes(payload))
         byte_off += len(payload)
+        lut_off += 1 << L
     start = np.concatenate(starts).astype(np.int64)
     cnt = np.concatenate(counts)
     steps = int(cnt.max())
     joined = b"".join(payloads)
-    buf = np.zeros(len(joined) + (steps * L) // 8 + 16, dtype=np.int64)
+    buf = np.zeros(len(joined) + (steps * Lmax) // 8 + 16, dtype=np.uint8)
     buf[:len(joined)] = np.frombuffer(joined, dtype=np.uint8)
-    out = np.empty(int(cnt.sum()), dtype=np.int64)
+    out = np.empty(int(cnt.sum()), dtype=np.int32)
     expect = np.concatenate([h[3] for h in huff]).astype(np.int64)
-    bad, why = kernel(buf, start, cnt, np.concatenate(offs), np.concatenate(luts), L, expect, out)
+    bad, why = kernel(buf, start, cnt, np.concatenate(offs), np.concatenate(lbits), np.concatenate(luts), expect, out)
     if bad >= 0:
         k = int(np.concatenate(items)[bad])
         msg = "invalid Huffman code in the payload" if why == 1 else "a Huffman block does not end where its block table says"

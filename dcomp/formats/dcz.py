@@ -705,15 +705,15 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
                     cb = np.frombuffer(rd.sec_bytes(t["values"]["codebook"]), dtype=f"<i{size}").copy()
                     entry[key] = _from_bits(cb, t["dtype"], [len(cb)])
                 else:
-                    adt = r["dtype"]
-                    tdtype = DTYPES[adt][0]
+                    tdtype = DTYPES[r["dtype"]][0]
+                    npdtype = torch.empty(0, dtype=tdtype).numpy().dtype
                     numel = _numel(t["shape"])
                     if name in support:
-                        a = torch.full((numel,), r["fill"], dtype=torch.int64)
-                        a[torch.from_numpy(support[name])] = torch.from_numpy(indices[name])
+                        a = np.full(numel, r["fill"], dtype=npdtype)
+                        a[support[name]] = indices[name]
                     else:
-                        a = torch.from_numpy(indices[name].astype(np.int64))
-                    entry[key] = a.to(tdtype).reshape(t["shape"])
+                        a = indices[name].astype(npdtype)
+                    entry[key] = torch.from_numpy(a).reshape(t["shape"])
             else:
                 arr = np.frombuffer(rd.sec_bytes(r["section"]), dtype=f"<i{DTYPES[r['dtype']][1]}").copy()
                 entry[key] = _from_bits(arr, r["dtype"], r["shape"])
