@@ -46,7 +46,7 @@ class BenchConfig(BaseModel):
     warmup: int = 10
     iters: int = 100
     seconds: float = 2.0
-    kernel: Literal["torch", "numba"] = "torch"
+    kernel: Literal["torch", "numba"] = "numba"
     min_sparsity: float = 0.5
     eager: bool = True
     sweep: bool = True
@@ -360,8 +360,13 @@ def run_bench(ckpt: Checkpoint, cfg: BenchConfig, threads: int, baseline: Checkp
     for b in cfg.batches:
         log(f"timing batch {b}")
         x = make_batch(x_pool, ckpt.input_shape, b, seed)
-        lats = time_interleaved([t.runner for t in targets], x, cfg.warmup, cfg.iters, cfg.seconds)
-        for t, lat in zip(targets, lats):
+        # eager PyTorch is timed apart: its idle OpenMP threads spin and would slow the others
+        groups = [[t for t in targets if t.engine != "pytorch eager"], [t for t in targets if t.engine == "pytorch eager"]]
+        pairs = []
+        for g in groups:
+            if g:
+                pairs += zip(g, time_interleaved([t.runner for t in g], x, cfg.warmup, cfg.iters, cfg.seconds))
+        for t, lat in pairs:
             t.results.append({"batch": b, **percentiles(lat), "throughput_per_s": b / float(lat.mean()),
                               "calls": int(lat.size)})
     for t in targets:

@@ -13,8 +13,12 @@ model is cut at its sparse Linear layers:
 For an MLP that makes the whole model a chain of sparse layers with tiny onnxruntime sessions
 (ReLU, Flatten) between them; for a convnet only its classifier layers go sparse. Kernels:
 
-    torch   torch.sparse.mm on a CSR tensor (MKL-backed sparse BLAS), no compile step
-    numba   a row-parallel CSR kernel compiled with numba (first use compiles, ~1-2 s)
+    torch   torch.sparse.mm on a CSR tensor, no compile step; it parallelises with OpenMP,
+            whose static split stalls for a scheduler tick whenever one of its threads is
+            descheduled (measured 20+ ms per call on 2 busy cores), so it is not the default
+    numba   a serial CSR kernel compiled with numba (nogil; first use compiles, ~1-2 s), run on
+            row chunks balanced by non-zeros that the caller and sleeping helper threads take
+            dynamically (ChunkPool), so a descheduled thread never stalls a call
 
 Whether this is faster than dense onnxruntime depends on sparsity, layer shape and batch size;
 ``sweep`` measures exactly that and ``break_even`` reads the answer off it.
@@ -33,9 +37,7 @@ from torch import nn
 from dcomp.errors import DcompError, UsageError
 
 KERNELS = ("torch", "numba")
-# Below this many multiply-adds the torch kernel runs on one thread: waking torch's OpenMP
-# workers costs more than the work, and under load a sleeping worker stalls the call for a
-# scheduler tick (measured: 20 ms on a 100x300 layer beside onnxruntime on 2 busy cores).
+# Below SMALL_WORK / 4 multiply-adds the numba kernel runs on the calling thread only.
 SMALL_WORK = 1 << 20
 
 
@@ -45,34 +47,27 @@ _numba_kernels: dict[str, Any] = {}
 
 
 def _numba():
-    """Compile the numba CSR kernels on first use."""
+    """Compile the numba CSR kernels on first use. They are serial and release the GIL; the
+    parallelism comes from ChunkPool, which hands out row chunks dynamically."""
     if _numba_kernels:
         return _numba_kernels
     try:
-        import os
-
-        import numba
-        from numba import njit, prange
+        from numba import njit
     except ImportError:
         raise UsageError("--kernel numba needs the numba package; use --kernel torch") from None
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        # The OpenMP layer's idle threads spin and fight onnxruntime's threads for 2 cores
-        # (measured: 20 ms stalls on a 0.05 ms layer); workqueue threads sleep. This takes
-        # effect only if no parallel numba function ran before in this process.
-        numba.config.THREADING_LAYER = "workqueue"
 
-    @njit(parallel=True, fastmath=True, cache=False)
-    def csr_mv(rowptr, cols, vals, bias, x, y):  # x: (in,), y: (out,)
-        for i in prange(rowptr.shape[0] - 1):
+    @njit(nogil=True, fastmath=True, cache=False)
+    def csr_mv(rowptr, cols, vals, bias, x, y, r0, r1):  # x: (in,), y: (out,), rows [r0, r1)
+        for i in range(r0, r1):
             acc = bias[i]
             for k in range(rowptr[i], rowptr[i + 1]):
                 acc += vals[k] * x[cols[k]]
             y[i] = acc
 
-    @njit(parallel=True, fastmath=True, cache=False)
-    def csr_mm(rowptr, cols, vals, bias, xt, yt):  # xt: (in, B), yt: (out, B)
+    @njit(nogil=True, fastmath=True, cache=False)
+    def csr_mm(rowptr, cols, vals, bias, xt, yt, r0, r1):  # xt: (in, B), yt: (out, B)
         nb = xt.shape[1]
-        for i in prange(rowptr.shape[0] - 1):
+        for i in range(r0, r1):
             for b in range(nb):
                 yt[i, b] = bias[i]
             for k in range(rowptr[i], rowptr[i + 1]):
@@ -81,14 +76,91 @@ def _numba():
                 for b in range(nb):
                     yt[i, b] += v * xt[c, b]
 
-    _numba_kernels.update(mv=csr_mv, mm=csr_mm, numba=numba)
+    _numba_kernels.update(mv=csr_mv, mm=csr_mm)
     return _numba_kernels
+
+
+class ChunkPool:
+    """Run ``fn(r0, r1)`` over a list of row chunks with ``threads`` threads: the caller and
+    ``threads - 1`` sleeping helpers take chunks from a shared counter until none is left.
+
+    Why not numba's prange or OpenMP: they split the rows statically, so on a loaded machine
+    one descheduled thread stalls the whole call for a scheduler tick (measured 10-20 ms on
+    a 0.5 ms layer with 2 cores and other jobs running). Here a helper that is not running
+    simply takes no chunk, and the caller does the work."""
+
+    def __init__(self, threads: int):
+        import threading
+
+        self.threads = max(1, int(threads))
+        self._cv = threading.Condition()
+        self._gen = 0
+        self._job: dict | None = None
+        for _ in range(self.threads - 1):
+            threading.Thread(target=self._helper, daemon=True, name="dcomp-csr").start()
+
+    def _helper(self):
+        seen = 0
+        while True:
+            with self._cv:
+                while self._gen == seen:
+                    self._cv.wait()
+                seen, job = self._gen, self._job
+            self._work(job)
+
+    def _work(self, job):
+        chunks, fn = job["chunks"], job["fn"]
+        while True:
+            with self._cv:
+                i = job["next"]
+                if i >= len(chunks):
+                    return
+                job["next"] = i + 1
+            fn(*chunks[i])
+            with self._cv:
+                job["done"] += 1
+                if job["done"] == len(chunks):
+                    self._cv.notify_all()
+
+    def run(self, fn, chunks: list[tuple[int, int]]) -> None:
+        if self.threads == 1 or len(chunks) == 1:
+            for c in chunks:
+                fn(*c)
+            return
+        job = {"fn": fn, "chunks": chunks, "next": 0, "done": 0}
+        with self._cv:
+            self._job = job
+            self._gen += 1
+            self._cv.notify_all()
+        self._work(job)
+        with self._cv:
+            while job["done"] < len(chunks):
+                self._cv.wait()
+
+
+_pools: dict[int, ChunkPool] = {}
+
+
+def chunk_pool(threads: int) -> ChunkPool:
+    threads = max(1, int(threads))
+    if threads not in _pools:
+        _pools[threads] = ChunkPool(threads)
+    return _pools[threads]
+
+
+def row_chunks(rowptr: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Split rows into ``n`` ranges holding about equal numbers of non-zeros."""
+    rows = rowptr.shape[0] - 1
+    cuts = np.searchsorted(rowptr, np.linspace(0, rowptr[-1], n + 1)[1:-1]).tolist()
+    bounds = sorted(set([0, *[min(max(c, 0), rows) for c in cuts], rows]))
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 class SparseLinear:
     """``y = x @ W.T + b`` with W (out, in) held in CSR; x is a float32 array (..., in)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "torch", name: str = ""):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "numba", name: str = "",
+                 threads: int | None = None):
         if kernel not in KERNELS:
             raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         w = weight.detach().to(torch.float32).contiguous()
@@ -109,6 +181,10 @@ class SparseLinear:
             self.vals = csr.values().numpy()
             self.bias = b.numpy()
             self._mv, self._mm = k["mv"], k["mm"]
+            self.pool = chunk_pool(threads if threads else torch.get_num_threads())
+            # about 4 chunks per thread, none under ~16k non-zeros (Python hands out each chunk)
+            n = max(1, min(4 * self.pool.threads, self.nnz // 16384))
+            self.chunks = row_chunks(self.rowptr, n) if self.out_features else []
             self(np.zeros((1, self.in_features), np.float32))  # compile now, not inside a timing
             self(np.zeros((2, self.in_features), np.float32))
 
@@ -118,6 +194,12 @@ class SparseLinear:
         if self.kernel == "torch":
             return self.nnz * (4 + 8) + (self.out_features + 1) * 8 + self.out_features * 4
         return self.nnz * (4 + 4) + (self.out_features + 1) * 4 + self.out_features * 4
+
+    def _run(self, fn, batch: int) -> None:
+        if self.nnz * batch < SMALL_WORK // 4:  # too little work to share
+            fn(0, self.out_features)
+        else:
+            self.pool.run(fn, self.chunks)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         lead = x.shape[:-1]
@@ -129,10 +211,14 @@ class SparseLinear:
             out = y.contiguous().numpy()
         elif x2.shape[0] == 1:
             out = np.empty((1, self.out_features), np.float32)
-            self._mv(self.rowptr, self.cols, self.vals, self.bias, np.ascontiguousarray(x2[0]), out[0])
+            xv, yv = np.ascontiguousarray(x2[0]), out[0]
+            rp, ci, va, bi, mv = self.rowptr, self.cols, self.vals, self.bias, self._mv
+            self._run(lambda r0, r1: mv(rp, ci, va, bi, xv, yv, r0, r1), 1)
         else:
             yt = np.empty((self.out_features, x2.shape[0]), np.float32)
-            self._mm(self.rowptr, self.cols, self.vals, self.bias, np.ascontiguousarray(x2.T), yt)
+            xt = np.ascontiguousarray(x2.T)
+            rp, ci, va, bi, mm = self.rowptr, self.cols, self.vals, self.bias, self._mm
+            self._run(lambda r0, r1: mm(rp, ci, va, bi, xt, yt, r0, r1), x2.shape[0])
             out = yt.T
         return np.ascontiguousarray(out).reshape(*lead, self.out_features)
 
@@ -231,7 +317,7 @@ class HybridRunner:
 
     kind = "hybrid"
 
-    def __init__(self, model: nn.Module, input_shape, threads: int, kernel: str = "torch",
+    def __init__(self, model: nn.Module, input_shape, threads: int, kernel: str = "numba",
                  min_sparsity: float = 0.5, name: str = "hybrid", plan: Plan | None = None):
         from dcomp.formats.onnx_export import export_module
         from dcomp.runtime.runner import ort_session
@@ -254,7 +340,7 @@ class HybridRunner:
                 self.calls.append(_ort_call(sess))
             else:
                 lin = model.get_submodule(step[1])
-                sl = SparseLinear(lin.weight, lin.bias, kernel, name=step[1])
+                sl = SparseLinear(lin.weight, lin.bias, kernel, name=step[1], threads=threads)
                 self.layers.append(sl)
                 self.model_bytes += sl.nbytes
                 self.calls.append(sl)
@@ -328,7 +414,7 @@ def interleaved_median(fns: dict[str, Any], seconds: float = 0.5, min_reps: int 
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def sweep(shape: tuple[int, int], sparsities, batches, threads: int, kernel: str = "torch",
+def sweep(shape: tuple[int, int], sparsities, batches, threads: int, kernel: str = "numba",
           seconds: float = 0.3, seed: int = 0) -> list[dict]:
     """Dense onnxruntime Gemm vs the sparse kernel on one layer shape (out, in), per sparsity and
     batch size. Rows: sparsity, batch, dense_s, sparse_s, speedup (dense time / sparse time)."""
@@ -339,7 +425,7 @@ def sweep(shape: tuple[int, int], sparsities, batches, threads: int, kernel: str
     rows = []
     rng = np.random.default_rng(seed)
     for s in sparsities:
-        sl = SparseLinear(random_sparse_weight(out_f, in_f, float(s), seed), None, kernel)
+        sl = SparseLinear(random_sparse_weight(out_f, in_f, float(s), seed), None, kernel, threads=threads)
         for b in batches:
             x = rng.standard_normal((int(b), in_f), dtype=np.float32)
             med = interleaved_median({"dense": lambda: dense.run(None, {"x": x}), "sparse": lambda: sl(x)}, seconds)
