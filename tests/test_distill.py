@@ -62,10 +62,10 @@ def test_distiller_trains_a_small_student(lenet_ckpt, digits):
     student = _ckpt(build_zoo("lenet-300-100", digits.input_shape, 10, hidden=[32, 16]), digits)
     teacher = lenet_ckpt.build_model()
     d = Distiller(teacher, DistillConfig(teacher="unused", temperature=3.0, alpha=0.7, cc_weight=1.0))
-    out, res = retrain(student, digits, TrainConfig(epochs=3, lr=0.1), [d])
+    out, res = retrain(student, digits, TrainConfig(epochs=2, lr=0.1), [d])
     assert "kd" in d.last and d.last["cc"] >= 0.0
     from dcomp.retrain import accuracy
-    assert accuracy(out, digits) > 80.0
+    assert accuracy(out, digits) > 70.0
 
 
 def test_cli_teacher_with_other_output_size(cli, lenet_path, tmp_path, digits):
