@@ -118,14 +118,20 @@ def gap_symbols(pos: np.ndarray, numel: int, k: int) -> np.ndarray:
 def gap_positions(syms: np.ndarray, numel: int, k: int) -> np.ndarray:
     """Inverse of gap_symbols, with the checks a reader needs (raises ValueError)."""
     m = (1 << k) - 1
-    adv = np.where(syms == m, m, syms + 1)
-    c = np.cumsum(adv)
+    # int32 arithmetic when it cannot overflow (half the memory traffic of int64)
+    dt = np.int32 if (len(syms) + 1) * (m + 1) < 2**31 else np.int64
+    filler = syms == m
+    adv = syms.astype(dt) + 1
+    adv[filler] = m
+    c = np.cumsum(adv, dtype=dt)
     end = int(c[-1]) if len(c) else 0
     if end > numel:
         raise ValueError(f"relative indices run past the end of the tensor ({end} > {numel})")
     if numel - end >= m:
         raise ValueError("relative indices stop short of the tensor's end")
-    return c[syms != m] - 1
+    pos = c[~filler]
+    pos -= 1
+    return pos
 
 
 # ---- writing ----------------------------------------------------------------------------------
