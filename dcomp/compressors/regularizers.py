@@ -10,6 +10,14 @@
                  A kind names the same idea for both layer types, so ``filter`` also means
                  ``row`` on Linear layers and ``channel``/``shape`` mean ``column`` there.
 
+How the penalty acts: by default as a PROXIMAL step after every optimizer step (soft-thresholding
+with step lr * lambda: w <- sign(w) max(|w| - lr*lambda, 0) for L1, w_g <- w_g max(0, 1 - lr*lambda /
+||w_g||) for a group), so weights and whole groups reach exactly zero and stay there while the
+data does not pull them out; the penalty value is added (detached) to the reported loss. With
+``proximal=False`` the penalty is a differentiable loss term (subgradient), which in the short
+runs used here only brings norms near zero, never to it. Lambda's useful range is tied to the
+learning rate: a group moves by at most lr*lambda per step.
+
 The output (classifier) layer's rows are never penalised: its units are the classes. The
 bias belongs to its unit's filter/row group, so a zero group means a zero output before the
 activation, which is what makes removing the unit exact for ReLU nets without normalisation.
