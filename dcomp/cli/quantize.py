@@ -24,7 +24,7 @@ def quantize(
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="REGEX=BITS for weights whose name matches (re.search; last match wins); repeatable")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="leave weights whose name matches REGEX unquantized; repeatable")] = None,
     init: Annotated[str, typer.Option("--init", help="k-means initialisation: linear, density or random (uses --seed)")] = "linear",
-    max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="Lloyd iterations at most")] = 300,
+    max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="Lloyd iterations at most")] = 1000,
     requantize: Annotated[bool, typer.Option("--requantize", help="allow more bits than a layer is already quantized to (keeps its values)")] = False,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="epochs of centroid fine-tuning (needs data)")] = 0,
     centroid_lr: Annotated[Optional[float], typer.Option("--centroid-lr", help="centroid learning rate (default: --lr, scheduled)")] = None,

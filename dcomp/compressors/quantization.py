@@ -65,7 +65,7 @@ class QuantizeConfig(BaseModel):
     layers: dict[str, int] = Field(default_factory=dict, description="regex on the parameter name -> bits")
     exclude: list[str] = Field(default_factory=list, description="regexes of parameter names left unquantized")
     init: Literal["linear", "density", "random"] = Field("linear", description="k-means initialisation")
-    max_iter: int = Field(300, ge=1, description="Lloyd iterations at most (each is O(k log n))")
+    max_iter: int = Field(1000, ge=1, description="Lloyd iterations at most (each is O(k log n))")
     requantize: bool = Field(False, description="allow asking more bits than a layer is already quantized to")
     finetune: TrainConfig | None = Field(None, description="centroid fine-tuning after clustering (needs data)")
     centroid_lr: float | None = Field(None, gt=0, description="centroid learning rate (default: the optimizer's)")
@@ -194,7 +194,7 @@ def check_quantized(ckpt: Checkpoint) -> None:
 
 @torch.no_grad()
 def quantize_weight(weight: torch.Tensor, mask: torch.Tensor | None, bits: int, init: str = "linear",
-                    max_iter: int = 300, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor, dict[str, Any]]:
+                    max_iter: int = 1000, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor, dict[str, Any]]:
     """Cluster one weight: (quant entry, new weight, per-layer metrics)."""
     w = weight.detach()
     values = w[mask] if mask is not None else w.reshape(-1)
