@@ -290,8 +290,18 @@ def decode_streams(items: list[tuple[dict, bytes | memoryview]]) -> list[np.ndar
         except StreamError as e:
             raise StreamError(str(e), i) from None
     if huff:
-        decoder = _decode_huffman_numba if _numba_kernel() is not None else _decode_huffman_lockstep
-        for i, arr in decoder(huff):
+        decoded = None
+        if _numba_kernel() is not None:
+            try:
+                decoded = _decode_huffman_numba(huff)
+            except StreamError:
+                raise
+            except Exception:  # noqa: BLE001 - compiling or threading failed here: numpy from now on
+                global _KERNEL
+                _KERNEL = None
+        if decoded is None:
+            decoded = _decode_huffman_lockstep(huff)
+        for i, arr in decoded:
             out[i] = arr
     for i, (rec, _) in enumerate(items):
         if out[i].size and int(out[i].max()) >= rec["alphabet"]:
@@ -401,9 +411,10 @@ def _build_kernel():
     import numba
 
     @numba.njit(cache=True, nogil=True)
-    def kernel(buf, start, cnt, off, lbits, lut, expect, out):  # pragma: no cover - compiled
-        # a bit buffer: ``acc`` holds ``nbits`` unread bits (oldest highest), refilled a byte at a time
-        o = 0
+    def kernel(buf, start, cnt, outoff, off, lbits, lut, expect, out, status):  # pragma: no cover - compiled
+        # Blocks are independent (a numba.prange here would spread them over cores; not used: the
+        # default workqueue threading layer aborts on concurrent calls from several threads).
+        # Per block a bit buffer ``acc`` holds ``nbits`` unread bits (oldest highest).
         for b in range(start.shape[0]):
             L = lbits[b]
             mask = (1 << L) - 1
@@ -418,6 +429,8 @@ def _build_kernel():
                 nbits += 8
             nbits -= p & 7
             used = 0
+            o = outoff[b]
+            st = 0
             for _ in range(cnt[b]):
                 if nbits < L:
                     while nbits <= 48:
@@ -427,14 +440,15 @@ def _build_kernel():
                 e = lut[base + ((acc >> (nbits - L)) & mask)]
                 ln = e & 31
                 if ln == 0:
-                    return b, 1
+                    st = 1
+                    break
                 out[o] = e >> 5
                 o += 1
                 nbits -= ln
                 used += ln
-            if used != expect[b]:
-                return b, 2
-        return -1, 0
+            if st == 0 and used != expect[b]:
+                st = 2
+            status[b] = st
 
     return kernel
 
@@ -474,10 +488,15 @@ def _decode_huffman_numba(huff) -> list[tuple[int, np.ndarray]]:
     buf[:len(joined)] = np.frombuffer(joined, dtype=np.uint8)
     out = np.empty(int(cnt.sum()), dtype=np.int32)
     expect = np.concatenate([h[3] for h in huff]).astype(np.int64)
-    bad, why = kernel(buf, start, cnt, np.concatenate(offs), np.concatenate(lbits), np.concatenate(luts), expect, out)
-    if bad >= 0:
+    status = np.zeros(len(start), dtype=np.int8)
+    outoff = np.concatenate([[0], np.cumsum(cnt)[:-1]]).astype(np.int64)
+    kernel(buf, start, cnt, outoff, np.concatenate(offs), np.concatenate(lbits), np.concatenate(luts), expect, out,
+           status)
+    if status.any():
+        bad = int(np.flatnonzero(status)[0])
         k = int(np.concatenate(items)[bad])
-        msg = "invalid Huffman code in the payload" if why == 1 else "a Huffman block does not end where its block table says"
+        msg = ("invalid Huffman code in the payload" if status[bad] == 1
+               else "a Huffman block does not end where its block table says")
         raise StreamError(msg, huff[k][0])
     result, first = [], 0
     for h in huff:

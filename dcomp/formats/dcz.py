@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 import zlib
 from typing import Any, Optional
 
@@ -87,7 +88,8 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     """The tensor's raw element bits as a flat signed-int numpy array (exact, -0.0 != +0.0)."""
     t = t.detach().to("cpu").contiguous().reshape(-1)
     size = DTYPES[_NAME_OF[t.dtype]][1]
-    return t.view(_SINT[size]).numpy()
+    a = t.view(_SINT[size]).numpy()
+    return a if sys.byteorder == "little" else a.astype(a.dtype.newbyteorder("<"))  # the file is little-endian
 
 
 def _from_bits(arr: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
