@@ -187,6 +187,14 @@ def test_property_round_trip(shape, density, bits, index_bits, quant, masked, em
               index_bits=index_bits, huffman=huffman, block=block)
 
 
+def test_apply_pack_stage():
+    g = torch.Generator().manual_seed(5)
+    w, m, q = quantized((50, 40), 0.1, 4, g)
+    res = dcz.apply_pack(make_ckpt({"a.weight": w}, {"a.weight": m}, {"a.weight": q}))
+    assert res.metrics["file_bytes"] == len(res.data) and res.metrics["encodings"] == {"a.weight": "sparse"}
+    assert res.report["layers"][0]["bits"] == 4
+
+
 def test_gap_symbols_fillers():
     pos = np.array([0, 3, 40])
     syms = dcz.gap_symbols(pos, 100, 2)  # M = 3: gap 37 -> 12 fillers + symbol 0

@@ -15,6 +15,7 @@ import json
 import struct
 import sys
 import zlib
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -358,6 +359,25 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
 
 def write_bytes(ckpt: Checkpoint, cfg: PackConfig | None = None) -> bytes:
     return pack(ckpt, cfg)[0]
+
+
+@dataclass
+class PackResult:
+    data: bytes                 # the .dcz file
+    report: dict                # inspect_bytes(data): per-layer rows and totals
+    metrics: dict[str, Any]     # plain numbers for --json / a recipe run log
+
+
+def apply_pack(ckpt: Checkpoint, cfg: PackConfig | None = None, ctx: Any = None) -> PackResult:
+    """The pack stage for the recipe runner: unlike other stages it ends the chain with bytes."""
+    cfg = cfg or PackConfig()
+    data, report = pack(ckpt, cfg)
+    metrics = {"file_bytes": report["file_bytes"], "dense_float32_bytes": report["dense_float32_bytes"],
+               "ratio": report["ratio"], "header_bytes": report["header_bytes"],
+               "encodings": {r["name"]: r["encoding"] for r in report["layers"]}}
+    if ctx is not None and getattr(ctx, "console", None) is not None:
+        ctx.console.print(f"packed: {report['file_bytes']:,} bytes, {report['ratio']:.1f}x smaller than float32 dense")
+    return PackResult(data, report, metrics)
 
 
 def _align(n: int) -> int:
