@@ -110,7 +110,11 @@ STAGES: dict[str, StageSpec] = {
     "quantize": StageSpec(_lazy("dcomp.compressors.quantization:QuantizeConfig"), "checkpoint",
                           "k-means weight sharing, optional centroid fine-tuning"),
     "finetune": StageSpec(lambda: FinetuneConfig, "checkpoint", "centroid fine-tuning of a quantized model"),
-    "eval": StageSpec(lambda: EvalConfig, "metrics", "test accuracy of the current model"),
+    "pack": StageSpec(_lazy("dcomp.formats.dcz:PackConfig"), "dcz",
+                      "write the .dcz: sparse relative indices, codebooks, Huffman streams"),
+    "eval": StageSpec(lambda: EvalConfig, "metrics", "test accuracy of the current model (of the .dcz after pack)"),
+    "bench": StageSpec(_lazy("dcomp.runtime.bench:BenchConfig"), "metrics",
+                       "onnxruntime latency/throughput/size of the result beside the input model"),
 }
 
 
@@ -519,7 +523,46 @@ def _run_eval(ckpt, s, ctx, state):
                         "evaluated": "packed .dcz" if state.packed is not None else "checkpoint"}
 
 
+def _run_pack(ckpt, s, ctx, state):
+    from dcomp.formats.dcz import pack
+
+    data, report = pack(ckpt, s.config)
+    dense = 4 * ckpt.param_count()
+    metrics = {"bytes": len(data), "dense_float32_bytes": dense, "compression_ratio": dense / max(len(data), 1)}
+    totals = report.get("totals") if isinstance(report, dict) else None
+    if isinstance(totals, dict):
+        metrics["totals"] = totals
+    return None, data, metrics
+
+
+def _run_bench(ckpt, s, ctx, state):
+    from dcomp.runtime.bench import run_bench
+    from dcomp.runtime.runner import resolve_threads
+
+    src = read_checkpoint(state.packed, "packed") if state.packed is not None else ckpt
+    log = (lambda m: ctx.console.print(f"[dim]{m}[/dim]")) if ctx.console is not None else None
+    summary = run_bench(src, s.config, resolve_threads(None), baseline=state.input_ckpt, data=ctx.data,
+                        trust_pickle=ctx.trust_pickle, seed=ctx.seed, log=log)
+    summary["headline"] = bench_headline(summary)
+    return None, None, summary
+
+
+def bench_headline(summary: dict[str, Any]) -> str:
+    """'hybrid 1.9x, dense 1.0x vs baseline at batch 1': p50 speed of each model target vs the reference."""
+    parts = []
+    batch = min(summary.get("batches") or [1])
+    for t in summary.get("targets", []):
+        if t.get("role") != "model":
+            continue
+        for r in t.get("results", []):
+            if r.get("batch") == batch and r.get("vs_reference"):
+                parts.append(f"{t['name']} {r['vs_reference']:.3g}x")
+    return f"{', '.join(parts)} vs {summary.get('reference')} at batch {batch}" if parts else ""
+
+
 RUNNERS: dict[str, StageRunner] = {
+    "pack": _run_pack,
+    "bench": _run_bench,
     "prune": _run_prune,
     "retrain": _run_retrain,
     "distill": _run_retrain,
