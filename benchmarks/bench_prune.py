@@ -59,7 +59,7 @@ def lenet(epochs: int, retrain_epochs: int) -> None:
                                                                                      weight_decay=0.0)),
                      StageContext(data=ds, seed=1))
     rows.append(("per-layer 90%, 3 rounds (linear)", f"3 x {it_epochs} epochs", _sparsity(it.checkpoint),
-                 it.metrics["history"][0]["top1_pruned"], it.metrics["top1_after"]))
+                 it.metrics["history"][-1]["top1_pruned"], it.metrics["top1_after"]))
     print(f"\n### LeNet-300-100 on digits ({len(ds.x_test)} test images; 1 image = {100 / len(ds.x_test):.2f} points)\n")
     print("| run | retraining | sparsity | top-1 pruned (%) | top-1 final (%) | vs dense (points) |")
     print("|---|---|---|---|---|---|")

@@ -159,6 +159,7 @@ def test_filter_pruning_quarters_the_convs_and_retrains(trained):
     assert 0.2 < o["conv_ratio"] < 0.3
     model = res.checkpoint.build_model()
     assert model.features[0].out_channels == 16 and model.classifier.out_features == 10
+    assert "top1_pruned_stale_bn" in res.metrics["history"][0]  # BatchNorm statistics were re-estimated
 
 
 # ---- CLI -------------------------------------------------------------------------------------------

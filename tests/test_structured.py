@@ -158,3 +158,19 @@ def test_torchscript_checkpoints_refuse_structured_pruning():
     ck.arch = {"kind": "torchscript", "archive": torch.zeros(1, dtype=torch.uint8)}
     with pytest.raises(DcompError, match="structured pruning changes layer shapes"):
         shrink_checkpoint(ck, {"fc1": torch.arange(3)})
+
+
+@torch.no_grad()
+def test_batchnorm_recalibration_matches_the_data_statistics():
+    from dcomp.compressors.structured import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4)
+    model = nn.Sequential(conv, bn).eval()
+    x = torch.randn(64, 1, 6, 6) * 3 + 1
+    assert recalibrate_batchnorm(model, x, batch_size=16)
+    h = conv(x)
+    torch.testing.assert_close(bn.running_mean, h.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, h.var(dim=(0, 2, 3)), rtol=0.05, atol=1e-4)
+    assert not model.training and bn.momentum == 0.1
+    assert not recalibrate_batchnorm(nn.Linear(3, 3), torch.randn(4, 3))

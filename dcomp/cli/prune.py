@@ -4,7 +4,10 @@ neuron/filter/channel pruning that makes the model smaller; optionally iterative
 Examples:
   dcomp prune model.pt --sparsity 0.9 -o pruned.pt
   dcomp prune model.pt --method global --sparsity 0.9 --layer 'fc3=0.5' -o pruned.pt
-  dcomp prune model.pt --method filter --sparsity 0.5 -o thin.pt
+  dcomp prune model.pt --method filter --sparsity 0.5 --data digits -o thin.pt
+
+With --data (or when retraining) the test top-1 is reported before and after, and BatchNorm
+statistics are re-estimated on training data after each pruning step (--no-recalibrate-bn: off).
   dcomp prune model.pt --sparsity 0.9 --rounds 3 --epochs-per-round 4 --data digits -o pruned.pt
 """
 
@@ -33,6 +36,7 @@ def prune(
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="iterative pruning: reach the target in N prune-retrain steps")] = 1,
     epochs_per_round: Annotated[int, typer.Option("--epochs-per-round", min=0, help="retraining epochs after each round (needs data)")] = 0,
     schedule: Annotated[str, typer.Option("--schedule", help="sparsity over rounds: linear (s*i/N) or cubic")] = "linear",
+    recalibrate_bn: Annotated[bool, typer.Option("--recalibrate-bn/--no-recalibrate-bn", help="with --data: re-estimate BatchNorm statistics after pruning")] = True,
     data: DataOpt = None,
     resize: ResizeOpt = None,
     arch: ArchOpt = None,
@@ -62,7 +66,7 @@ def prune(
     try:
         cfg = PruneConfig(method=method, sparsity=sparsity, quality=quality, nm=nm, layers=overrides,
                           exclude=list(exclude or []), min_weights=min_weights, rounds=rounds, schedule=schedule,
-                          retrain=retrain_cfg)
+                          retrain=retrain_cfg, recalibrate_bn=recalibrate_bn)
     except ValidationError as e:
         raise UsageError(config_error(e)) from None
 

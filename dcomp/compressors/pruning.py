@@ -60,6 +60,8 @@ class PruneConfig(BaseModel):
     rounds: int = Field(1, ge=1, description="iterative pruning: reach the target in this many steps")
     schedule: Literal["linear", "cubic"] = Field("linear", description="how the target grows over the rounds")
     retrain: TrainConfig | None = Field(None, description="retraining after each round (epochs per round)")
+    recalibrate_bn: bool = Field(True, description="with data: re-estimate BatchNorm statistics after each pruning step")
+    recalibrate_samples: int = Field(2048, ge=2, description="training samples used for the BatchNorm re-estimate")
 
     @field_validator("sparsity")
     @classmethod
@@ -449,6 +451,23 @@ def _structured_report(before: Checkpoint, after: Checkpoint, groups_before, tru
     return rows, overall
 
 
+def _recalibrate(ckpt: Checkpoint, data, samples: int, trust: bool) -> Checkpoint | None:
+    """A copy of ``ckpt`` with BatchNorm statistics re-estimated on training data; None without BatchNorm."""
+    from dcomp.compressors.structured import recalibrate_batchnorm
+
+    model = ckpt.build_model(trust_pickle=trust)
+    if isinstance(model, torch.jit.ScriptModule):
+        return None
+    if not recalibrate_batchnorm(model, data.x_train[:samples]):
+        return None
+    out = _shallow_copy(ckpt)
+    state = model.state_dict()
+    for k, v in state.items():
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            out.state_dict[k] = v.detach().clone()
+    return out
+
+
 # ---- the stage -----------------------------------------------------------------------------------------
 
 def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = None) -> StageResult:
@@ -491,6 +510,11 @@ def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = N
         rec: dict[str, Any] = {"round": i, "fraction_of_target": frac}
         if cfg.method in SPARSITY_METHODS:
             rec["target"] = cfg.sparsity * frac
+        if ctx.data is not None and cfg.recalibrate_bn:
+            recal = _recalibrate(out, ctx.data, cfg.recalibrate_samples, trust)
+            if recal is not None:
+                rec["top1_pruned_stale_bn"] = accuracy(out, ctx.data, trust)
+                out = recal
         if ctx.data is not None:
             rec["top1_pruned"] = accuracy(out, ctx.data, trust)
         if retraining:

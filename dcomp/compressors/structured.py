@@ -468,6 +468,37 @@ def top_units(score: torch.Tensor, n_keep: int) -> torch.Tensor:
     return torch.sort(order[:n_keep]).values
 
 
+# ---- BatchNorm recalibration ---------------------------------------------------------------------
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> bool:
+    """Recompute BatchNorm running statistics of ``model`` on inputs ``x`` (no weights change).
+
+    After units are removed, the remaining units see different inputs, so the stored running
+    means/variances no longer fit; re-estimating them is cheap and recovers most of the accuracy
+    before any retraining. Returns False (and does nothing) when the model has no BatchNorm.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return False
+    was_training = model.training
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            if len(xb) > 1:
+                model(xb)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was_training)
+    return True
+
+
 # ---- checkpoints -------------------------------------------------------------------------------
 
 def check_shrinkable(ckpt) -> None:
