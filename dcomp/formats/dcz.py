@@ -661,9 +661,12 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
         who = owners[e.index] if e.index is not None else "?"
         raise _fail(source, f"tensor {who}: {e}") from None
     it = iter(decoded)
+    byname = {t["name"]: t for t in h["tensors"]}
     state_dict: dict[str, torch.Tensor] = {}
     support: dict[str, np.ndarray] = {}
     indices: dict[str, np.ndarray] = {}
+    fused_masks: dict[str, np.ndarray] = {}
+    fused_assign: dict[str, np.ndarray] = {}
     for t in h["tensors"]:
         name, dt, shape = t["name"], t["dtype"], t["shape"]
         size = DTYPES[dt][1]
@@ -674,6 +677,9 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
             if dt == "bool" and arr.size and (arr.view(np.uint8) > 1).any():
                 raise rd.fail(what, "bool bytes other than 0 and 1")
             state_dict[name] = _from_bits(arr, dt, shape)
+            continue
+        if t["encoding"] == "sparse" and t["values"]["kind"] == "codebook" and _assemble_kernel() is not None:
+            _assemble_fused(t, next(it), next(it), rd, h, state_dict, fused_masks, fused_assign)
             continue
         if t["encoding"] == "sparse":
             try:
@@ -703,8 +709,10 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
         state_dict[name] = _from_bits(out, dt, shape)
     masks = {}
     for name, m in h["masks"].items():
-        if m["encoding"] == "support":
-            shape = next(t["shape"] for t in h["tensors"] if t["name"] == name)
+        if name in fused_masks:
+            masks[name] = torch.from_numpy(fused_masks[name]).reshape(byname[name]["shape"])
+        elif m["encoding"] == "support":
+            shape = byname[name]["shape"]
             numel = _numel(shape)
             if name in support:
                 flat = np.zeros(numel, dtype=bool)
@@ -724,7 +732,7 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
         entry: dict[str, Any] = {}
         if "bits" in q:
             entry["bits"] = q["bits"]
-        t = next((t for t in h["tensors"] if t["name"] == name), None)
+        t = byname.get(name)
         for key in ("codebook", "assignments"):
             r = q[key]
             if r.get("from") == "values":
@@ -736,7 +744,9 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
                     tdtype = DTYPES[r["dtype"]][0]
                     npdtype = torch.empty(0, dtype=tdtype).numpy().dtype
                     numel = _numel(t["shape"])
-                    if name in support:
+                    if name in fused_assign:
+                        a = fused_assign[name]
+                    elif name in support:
                         a = np.full(numel, r["fill"], dtype=npdtype)
                         a[support[name]] = indices[name]
                     else:
@@ -756,6 +766,92 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
     return Checkpoint(arch=arch, state_dict=state_dict, input_shape=list(h["input_shape"]),
                       num_classes=int(h["num_classes"]), masks=masks, quant=quant, data=h["data"],
                       provenance=list(h["provenance"]))
+
+
+# ---- fused assembly (numba) ---------------------------------------------------------------------
+# For sparse codebook tensors: one compiled pass from gap and index symbols to the weight bits, the
+# mask and the assignments, with the same checks as gap_positions (the numpy path is the reference).
+
+_ASSEMBLE: object = False
+
+
+def _assemble_kernel():
+    global _ASSEMBLE
+    if _ASSEMBLE is False:
+        _ASSEMBLE = None
+        if hf._numba_kernel() is not None:
+            try:
+                import numba
+
+                @numba.njit(cache=True, nogil=True)
+                def assemble(gsyms, m, numel, idx, cb, out, mask, want_mask, assign, want_assign):  # pragma: no cover
+                    c = 0
+                    j = 0
+                    nnz = idx.shape[0]
+                    k = cb.shape[0]
+                    for s in gsyms:
+                        if s == m:
+                            c += m
+                            continue
+                        c += s + 1
+                        if c > numel:
+                            return 1
+                        if j >= nnz:
+                            return 3
+                        v = idx[j]
+                        if v >= k:
+                            return 4
+                        out[c - 1] = cb[v]
+                        if want_mask:
+                            mask[c - 1] = True
+                        if want_assign:
+                            assign[c - 1] = v
+                        j += 1
+                    if c > numel:
+                        return 1
+                    if numel - c >= m:
+                        return 2
+                    if j != nnz:
+                        return 3
+                    return 0
+
+                _ASSEMBLE = assemble
+            except Exception:  # noqa: BLE001
+                _ASSEMBLE = None
+    return _ASSEMBLE
+
+
+def _assemble_fused(t, gsyms, idx, rd, h, state_dict, fused_masks, fused_assign) -> None:
+    name, dt, shape = t["name"], t["dtype"], t["shape"]
+    size = DTYPES[dt][1]
+    numel = _numel(shape)
+    cb = np.frombuffer(rd.sec_bytes(t["values"]["codebook"]), dtype=f"<i{size}").astype(f"=i{size}")
+    out = np.zeros(numel, dtype=f"=i{size}")
+    want_mask = h["masks"].get(name, {}).get("encoding") == "support"
+    mask = np.zeros(numel if want_mask else 0, dtype=bool)
+    q = h["quant"].get(name, {})
+    want_assign = q.get("assignments", {}).get("from") == "values"
+    if want_assign:
+        npdtype = torch.empty(0, dtype=DTYPES[q["assignments"]["dtype"]][0]).numpy().dtype
+        fill = q["assignments"]["fill"]
+        assign = np.zeros(numel, dtype=npdtype) if fill == 0 else np.full(numel, fill, dtype=npdtype)
+    else:
+        assign = np.zeros(0, dtype=np.uint8)
+    if t["nnz"] != len(idx):
+        raise rd.fail(f"tensor {name}", f"index stream holds {len(idx)} values, header says nnz {t['nnz']}")
+    status = _assemble_kernel()(gsyms, (1 << t["index_bits"]) - 1, numel, idx, cb, out, mask, want_mask,
+                                assign, want_assign)
+    if status:
+        raise rd.fail(f"tensor {name}", {
+            1: "relative indices run past the end of the tensor",
+            2: "relative indices stop short of the tensor's end",
+            3: f"relative indices do not list exactly nnz={t['nnz']} values",
+            4: f"codebook index out of range for {len(cb)} entries"}[status])
+    state_dict[name] = _from_bits(out, dt, shape)
+    if want_mask:
+        fused_masks[name] = mask
+    if want_assign:
+        fused_assign[name] = assign
 
 
 # ---- inspect (header only) ---------------------------------------------------------------------
