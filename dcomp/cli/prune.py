@@ -1,14 +1,19 @@
 """Prune a model: unstructured magnitude (layer-wise, global, Han's std), N:M, or structured
 neuron/filter/channel pruning that makes the model smaller; optionally iterative with retraining.
 
-Examples:
-  dcomp prune model.pt --sparsity 0.9 -o pruned.pt
-  dcomp prune model.pt --method global --sparsity 0.9 --layer 'fc3=0.5' -o pruned.pt
-  dcomp prune model.pt --method filter --sparsity 0.5 --data digits -o thin.pt
-
 With --data (or when retraining) the test top-1 is reported before and after, and BatchNorm
 statistics are re-estimated on training data after each pruning step (--no-recalibrate-bn: off).
-  dcomp prune model.pt --sparsity 0.9 --rounds 3 --epochs-per-round 4 --data digits -o pruned.pt
+Iterative pruning (--rounds N) raises the target step by step: s*i/N (linear) or
+s*(1-(1-i/N)^3) (cubic), retraining --epochs-per-round epochs with the masks kept after each step.
+
+Examples:
+
+\b
+  dcomp prune model.pt --sparsity 0.9 -o pruned.pt
+  dcomp prune model.pt --method global --sparsity 0.9 --layer 'fc3=0.5' -o pruned.pt
+  dcomp prune model.pt --method nm --nm 2:4 -o sparse24.pt
+  dcomp prune model.pt --method filter --sparsity 0.5 --data digits -o thin.pt
+  dcomp prune model.pt --sparsity 0.9 --rounds 5 --schedule cubic --epochs-per-round 6 --lr 0.05 --data digits -o pruned.pt
 """
 
 from __future__ import annotations
