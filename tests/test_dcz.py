@@ -195,6 +195,21 @@ def test_apply_pack_stage():
     assert res.report["layers"][0]["bits"] == 4
 
 
+def test_numpy_and_compiled_decoders_agree(monkeypatch):
+    from dcomp.compressors import huffman as hf
+
+    g = torch.Generator().manual_seed(6)
+    w, m, q = quantized((64, 90), 0.15, 5, g, fill=2)
+    ck = make_ckpt({"a.weight": w}, {"a.weight": m}, {"a.weight": q})
+    data = dcz.write_bytes(ck, dcz.PackConfig(index_bits=3, block=50))
+    fast = dcz.read_bytes(data)
+    monkeypatch.setattr(hf, "_KERNEL", None)
+    monkeypatch.setattr(dcz, "_ASSEMBLE", None)
+    slow = dcz.read_bytes(data)
+    assert_same(ck, fast)
+    assert_same(ck, slow)
+
+
 def test_gap_symbols_fillers():
     pos = np.array([0, 3, 40])
     syms = dcz.gap_symbols(pos, 100, 2)  # M = 3: gap 37 -> 12 fillers + symbol 0
