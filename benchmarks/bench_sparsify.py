@@ -14,7 +14,7 @@ All but DNS prune every Linear/Conv weight to the same per-layer sparsity s. The
 top-1 and the sparsity of the Linear/Conv weights, and per method the highest sparsity whose
 accuracy is within 1 point of the dense baseline ("at equal accuracy").
 
-    python benchmarks/bench_sparsify.py            # both models (about 15 minutes on a busy 2-core machine)
+    python benchmarks/bench_sparsify.py            # both models (about 15 minutes with 1 thread)
     python benchmarks/bench_sparsify.py --quick    # fewer points, for a smoke run
 """
 
@@ -66,10 +66,11 @@ def with_masks(ck: Checkpoint, s: float) -> Checkpoint:
     return out
 
 
-def run_method(method: str, base: Checkpoint, ds, s: float | None, epochs: int, rounds: int, c: float | None):
+def run_method(method: str, base: Checkpoint, ds, s: float | None, epochs: int, rounds: int, c: float | None,
+               seed: int = 0):
     cfg = TrainConfig(epochs=epochs, lr=0.01, weight_decay=0.0)
     if method == "one-shot":
-        out, _ = retrain(with_masks(base, s), ds, cfg)
+        out, _ = retrain(with_masks(base, s), ds, cfg, seed=seed)
     elif method == "iterative":
         out = base
         rounds = min(rounds, epochs)
@@ -77,35 +78,42 @@ def run_method(method: str, base: Checkpoint, ds, s: float | None, epochs: int, 
         for r in range(1, rounds + 1):
             s_r = 1.0 - (1.0 - s) ** (r / rounds)
             e = per if r < rounds else epochs - per * (rounds - 1)
-            out, _ = retrain(with_masks(out, s_r), ds, TrainConfig(epochs=e, lr=0.01, weight_decay=0.0))
+            out, _ = retrain(with_masks(out, s_r), ds, TrainConfig(epochs=e, lr=0.01, weight_decay=0.0), seed=seed)
     elif method == "agp":
-        out, _ = retrain(base, ds, cfg, [AGP(AGPConfig(final_sparsity=s, start=0, every=0.5, end=0.75 * epochs))])
+        out, _ = retrain(base, ds, cfg, [AGP(AGPConfig(final_sparsity=s, start=0, every=0.5, end=0.75 * epochs))], seed=seed)
     elif method == "iht":
-        out, _ = retrain(base, ds, cfg, [IHT(IHTConfig(sparsity=s, sparse_len=epochs / 4, dense_len=epochs / 6))])
+        out, _ = retrain(base, ds, cfg, [IHT(IHTConfig(sparsity=s, sparse_len=epochs / 4, dense_len=epochs / 6))], seed=seed)
     elif method == "dns":
-        out, _ = retrain(base, ds, cfg, [DNS(DNSConfig(c=c))])
+        out, _ = retrain(base, ds, cfg, [DNS(DNSConfig(c=c), seed=seed)], seed=seed)
     else:
         raise ValueError(method)
     return out
 
 
-def bench_model(title: str, arch: str, resize: int | None, dense_epochs: int, epochs: int, sparsities, cs, rounds: int):
+def bench_model(title: str, arch: str, resize: int | None, dense_epochs: int, epochs: int, sparsities, cs, rounds: int,
+                seeds: int):
+    """Every point is the mean over ``seeds`` runs (each seed: its own dense baseline and retraining)."""
     t0 = time.perf_counter()
-    base, ds = dense_baseline(arch, resize, dense_epochs)
-    dense_acc = accuracy(base, ds)
-    rows = []
-    for method in ("one-shot", "iterative", "agp", "iht"):
-        for s in sparsities:
-            out = run_method(method, base, ds, s, epochs, rounds, None)
-            rows.append((method, f"s={s}", weight_sparsity(out), accuracy(out, ds)))
-            print(f"  {title} {method} s={s}: {rows[-1][2]:.4f} {rows[-1][3]:.2f}", file=sys.stderr, flush=True)
-    for c in cs:
-        out = run_method("dns", base, ds, None, epochs, rounds, c)
-        rows.append(("dns", f"c={c}", weight_sparsity(out), accuracy(out, ds)))
-        print(f"  {title} dns c={c}: {rows[-1][2]:.4f} {rows[-1][3]:.2f}", file=sys.stderr, flush=True)
+    points = [(m, s, None) for m in ("one-shot", "iterative", "agp", "iht") for s in sparsities] + \
+             [("dns", None, c) for c in cs]
+    acc_sum = {p: 0.0 for p in points}
+    sp_sum = {p: 0.0 for p in points}
+    dense_acc = 0.0
+    for seed in range(seeds):
+        base, ds = dense_baseline(arch, resize, dense_epochs, seed)
+        dense_acc += accuracy(base, ds) / seeds
+        for p in points:
+            method, s, c = p
+            out = run_method(method, base, ds, s, epochs, rounds, c, seed)
+            sp, acc = weight_sparsity(out), accuracy(out, ds)
+            sp_sum[p] += sp / seeds
+            acc_sum[p] += acc / seeds
+            print(f"  {title} seed {seed} {method} s={s} c={c}: {sp:.4f} {acc:.2f}", file=sys.stderr, flush=True)
+    rows = [(m, f"s={s}" if c is None else f"c={c}", sp_sum[(m, s, c)], acc_sum[(m, s, c)]) for m, s, c in points]
     lines = [f"### {title}", "",
              f"Dense baseline: {dense_acc:.2f}% test top-1 ({dense_epochs} epochs); every method retrains {epochs} epochs "
-             f"(iterative: {rounds} rounds). Sparsity = share of zero Linear/Conv weights.", "",
+             f"(iterative: {rounds} rounds). Sparsity = share of zero Linear/Conv weights. Mean of {seeds} seeds "
+             f"(test set: {len(ds.y_test)} images, so one image = {100 / len(ds.y_test):.2f} points).", "",
              "| method | setting | sparsity | test top-1 % | vs dense |", "|---|---|---:|---:|---:|"]
     for m, setting, sp, acc in rows:
         lines.append(f"| {m} | {setting} | {sp:.2%} | {acc:.2f} | {acc - dense_acc:+.2f} |")
@@ -126,20 +134,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer points (smoke run)")
     ap.add_argument("--only", choices=["lenet-300-100", "lenet-5"], help="one model only")
+    ap.add_argument("--seeds", type=int, default=3, help="runs per point (own dense baseline each)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny nets)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = [f"torch {torch.__version__}, {torch.get_num_threads()} threads", ""]
     if args.only in (None, "lenet-300-100"):
-        sp = [0.9, 0.95] if args.quick else [0.9, 0.95, 0.97]
-        cs = [1.5, 2.5] if args.quick else [1.5, 2.0, 2.5]
-        out.append(bench_model("LeNet-300-100 on digits (8x8)", "lenet-300-100", None, 20, 3 if args.quick else 6,
-                               sp, cs, 3))
+        sp = [0.9, 0.95] if args.quick else [0.8, 0.9, 0.93, 0.95, 0.97]
+        cs = [1.5, 2.5] if args.quick else [1.0, 1.5, 2.0, 2.5, 3.0]
+        out.append(bench_model("LeNet-300-100 on digits (8x8)", "lenet-300-100", None, 30, 3 if args.quick else 12,
+                               sp, cs, 3, 1 if args.quick else args.seeds))
     if args.only in (None, "lenet-5"):
-        sp = [0.9] if args.quick else [0.9, 0.95]
-        cs = [2.0] if args.quick else [1.5, 2.5]
-        out.append(bench_model("LeNet-5 on digits resized to 28x28", "lenet-5", 28, 8, 2 if args.quick else 3,
-                               sp, cs, 3))
+        sp = [0.9] if args.quick else [0.8, 0.9, 0.95, 0.97, 0.98]
+        cs = [2.0] if args.quick else [1.0, 1.5, 2.0, 2.5, 3.0]
+        out.append(bench_model("LeNet-5 on digits resized to 28x28", "lenet-5", 28, 10, 2 if args.quick else 6,
+                               sp, cs, 3, 1 if args.quick else args.seeds))
     print("\n".join(out))
 
 
