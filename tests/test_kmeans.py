@@ -105,3 +105,18 @@ def test_property_at_most_k_values_and_nearest(values, bits):
     # every value sits at its nearest codebook entry
     dist = (x[:, None].double() - r.codebook[None, :].double()).abs()
     assert torch.all(dist.gather(1, r.labels[:, None]).squeeze(1) <= dist.min(1).values + 1e-9)
+
+
+@pytest.mark.parametrize("k", [2, 7, 32])
+def test_compiled_kernels_give_identical_results(monkeypatch, k):
+    import dcomp.compressors.kmeans as km
+
+    if km._kernels() is None:
+        pytest.skip("numba not available")
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(7)) ** 3
+    monkeypatch.setattr(km, "NUMBA_MIN", 0)
+    fast = km.kmeans1d(x, k)
+    monkeypatch.setattr(km, "NUMBA_MIN", 1 << 62)
+    plain = km.kmeans1d(x, k)
+    assert torch.equal(fast.codebook, plain.codebook) and torch.equal(fast.labels, plain.labels)
+    assert fast.iterations == plain.iterations and fast.distinct == plain.distinct

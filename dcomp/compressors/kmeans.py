@@ -86,21 +86,25 @@ def kmeans1d(values: torch.Tensor, k: int, init: str = "linear", max_iter: int =
     n = xn.size
     if n == 0:
         return KMeansResult(torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.0, 0, True, 0)
-    if not np.isfinite(xn).all():
-        raise UsageError("k-means: the weights contain NaN or infinity; fix the model before quantizing")
     xs = np.sort(xn)  # numpy's SIMD sort: several times faster than torch.sort on CPU
-    new_value = xs[1:] != xs[:-1]
-    distinct = 1 + int(np.count_nonzero(new_value))
+    if not (np.isfinite(xs[0]) and np.isfinite(xs[-1])):  # NaN sorts last, infinities to the ends
+        raise UsageError("k-means: the weights contain NaN or infinity; fix the model before quantizing")
+    kernels = _kernels() if n >= NUMBA_MIN else None
+    prefix = np.empty(n + 1)
+    if kernels is not None:
+        distinct = int(kernels[0](xs, prefix))
+    else:
+        distinct = 1 + int(np.count_nonzero(xs[1:] != xs[:-1]))
 
     if distinct <= k:  # the codebook is the distinct values themselves: exact
-        codebook = xs[np.concatenate([[True], new_value])]
+        codebook = np.unique(xs)
         labels = np.searchsorted(codebook, xn)
-        return KMeansResult(torch.from_numpy(codebook.copy()), torch.from_numpy(labels).long(), 0.0, 0, True,
-                            distinct)
+        return KMeansResult(torch.from_numpy(codebook), torch.from_numpy(labels).long(), 0.0, 0, True, distinct)
 
     xs_t = torch.from_numpy(xs)
-    prefix = np.zeros(n + 1)
-    prefix[1:] = torch.cumsum(xs_t, 0, dtype=torch.float64).numpy()
+    if kernels is None:
+        prefix[0] = 0.0
+        prefix[1:] = torch.cumsum(xs_t, 0, dtype=torch.float64).numpy()
     if centroids is not None:
         c = np.sort(centroids.detach().reshape(-1).double().numpy())
         if c.size != k:
@@ -165,7 +169,12 @@ def _assign(x: torch.Tensor, xs: np.ndarray, codebook: np.ndarray, iterations: i
     mids = _f32_ceil((codebook[:-1].astype(np.float64) + codebook[1:]) * 0.5)
     counts = np.diff(np.concatenate(([0], np.searchsorted(xs, mids), [n])))
     used = counts > 0
-    labels = torch.searchsorted(torch.from_numpy(mids), x, right=True)
+    kernels = _kernels() if n >= NUMBA_MIN and mids.size else None
+    if kernels is not None:
+        labels = torch.empty(n, dtype=torch.long)
+        kernels[1](x.numpy(), mids.astype(np.float32), labels.numpy())
+    else:
+        labels = torch.searchsorted(torch.from_numpy(mids), x, right=True)
     if not used.all():
         labels = torch.from_numpy(np.cumsum(used) - 1)[labels]
         codebook = codebook[used]
@@ -175,6 +184,62 @@ def _assign(x: torch.Tensor, xs: np.ndarray, codebook: np.ndarray, iterations: i
         err = torch.from_numpy(xs).double() - torch.from_numpy(codebook).double()[labels_sorted]
         inertia = float((err * err).sum())
     return KMeansResult(torch.from_numpy(codebook.copy()), labels, inertia, iterations, converged, distinct)
+
+
+# ---- optional compiled kernels (numba) for large inputs --------------------------------------------
+# Below NUMBA_MIN values (or with DCOMP_NO_NUMBA=1, or without numba) the numpy/torch code above is
+# used; both give identical results (tests compare them). The kernels are compiled once and cached.
+
+NUMBA_MIN = 1 << 21
+_KERNELS: object = False
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is False:
+        import os
+
+        _KERNELS = None
+        if os.environ.get("DCOMP_NO_NUMBA", "").strip().lower() not in ("1", "true", "yes", "on"):
+            try:
+                _KERNELS = _build_kernels()
+            except Exception:  # noqa: BLE001 - numba missing or broken: use numpy/torch
+                _KERNELS = None
+    return _KERNELS
+
+
+def _build_kernels():
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def prefix_distinct(xs, prefix):  # pragma: no cover - compiled
+        # prefix[i] = sum of xs[:i] in float64, and the number of distinct values of sorted xs
+        s = 0.0
+        d = 1
+        prefix[0] = 0.0
+        for i in range(xs.size):
+            s += xs[i]
+            prefix[i + 1] = s
+            if i > 0 and xs[i] != xs[i - 1]:
+                d += 1
+        return d
+
+    @numba.njit(cache=True, nogil=True, parallel=True)
+    def labels_right(x, mids, out):  # pragma: no cover - compiled
+        # out[i] = number of mids <= x[i] (searchsorted side="right"), mids ascending, non-empty;
+        # a branch-free binary search (the comparison picks the half, no unpredictable jumps)
+        m = mids.size
+        for i in numba.prange(x.size):
+            v = x[i]
+            base = 0
+            n = m
+            while n > 1:
+                half = n >> 1
+                base = base + half if mids[base + half - 1] <= v else base
+                n -= half
+            out[i] = base + (mids[base] <= v)
+
+    return prefix_distinct, labels_right
 
 
 def _f32_ceil(b: np.ndarray) -> np.ndarray:
