@@ -79,19 +79,22 @@ def render(c, s: dict) -> None:
     title = (f"bench {s['model']}  threads={s['threads']}  reference: {s['reference']}"
              + (f"  load avg {load[0]:.1f}" if load else ""))
     t = Table(title=title, title_justify="left")
-    for col in ("target", "engine", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "vs reference",
-                "size", "mem", "top-1 %"):
-        t.add_column(col, justify="left" if col in ("target", "engine", "vs reference") else "right")
+    for col in ("target", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "vs reference", "size", "mem", "top-1 %"):
+        t.add_column(col, justify="left" if col in ("target", "vs reference") else "right", no_wrap=True)
     for tg in s["targets"]:
         for i, r in enumerate(tg["results"]):
             first = i == 0
-            t.add_row(tg["name"] if first else "", tg["engine"] if first else "", str(r["batch"]),
+            t.add_row(tg["name"] if first else "", str(r["batch"]),
                       f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['throughput_per_s']:,.0f}",
                       "reference" if tg["name"] == s["reference"] else speed_words(r["vs_reference"]),
                       human_bytes(tg["model_bytes"]) if first and tg["model_bytes"] else "",
                       human_bytes(tg["rss_added_bytes"]) if first and tg["rss_added_bytes"] is not None else "",
                       f"{tg['top1']:.2f}" if first and tg["top1"] is not None else "")
+    if not c.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
+        c.width = max(c.width, 150)
     c.print(t)
+    engines = ", ".join(f"{tg['name']}: {tg['engine']}" for tg in s["targets"])
+    c.print(f"[dim]engines: {engines}[/dim]")
     c.print(f"[dim]mem: {s['memory_how']}; size of a hybrid target: its ONNX segments + CSR arrays[/dim]")
     for n in s.get("notes", []):
         c.print(f"note: {n}")

@@ -234,6 +234,7 @@ def build_targets(ckpt: Checkpoint, baseline: Checkpoint | None, cfg: BenchConfi
                           len(res.onnx_bytes), info=res.info)
         return make
 
+    _warm_engines(threads, cfg.kernel if "hybrid" in cfg.variants else None)
     if baseline is not None:
         log("exporting the baseline (dense)")
         targets.append(_build(ort_target(baseline, "dense", "baseline dense", "baseline"), x_first))
@@ -270,6 +271,17 @@ def build_targets(ckpt: Checkpoint, baseline: Checkpoint | None, cfg: BenchConfi
             targets.append(_build(lambda: Target("baseline pytorch", "pytorch eager", "eager",
                                                  TorchRunner(bm, "baseline pytorch"), "baseline"), x_first))
     return targets, notes
+
+
+def _warm_engines(threads: int, kernel: str | None) -> None:
+    """Load onnxruntime, compile the numba kernels, so the first target's memory figure is its own."""
+    from dcomp.runtime.runner import ort_session
+    from dcomp.runtime.sparse import SparseLinear, dense_gemm_onnx
+
+    sess = ort_session(dense_gemm_onnx(4, 4), threads)
+    sess.run(None, {"x": np.zeros((1, 4), np.float32)})
+    if kernel is not None:
+        SparseLinear(torch.eye(4), None, kernel, threads=threads)(np.zeros((1, 4), np.float32))
 
 
 def _hybrid_target(model, ckpt, cfg, threads) -> Target:

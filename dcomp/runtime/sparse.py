@@ -59,10 +59,23 @@ def _numba():
     @njit(nogil=True, fastmath=True, cache=False)
     def csr_mv(rowptr, cols, vals, bias, x, y, r0, r1):  # x: (in,), y: (out,), rows [r0, r1)
         for i in range(r0, r1):
-            acc = bias[i]
-            for k in range(rowptr[i], rowptr[i + 1]):
-                acc += vals[k] * x[cols[k]]
-            y[i] = acc
+            # four accumulators: one chain of dependent adds would bound the loop by FP latency
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            k = rowptr[i]
+            end = rowptr[i + 1]
+            while k + 4 <= end:
+                a0 += vals[k] * x[cols[k]]
+                a1 += vals[k + 1] * x[cols[k + 1]]
+                a2 += vals[k + 2] * x[cols[k + 2]]
+                a3 += vals[k + 3] * x[cols[k + 3]]
+                k += 4
+            while k < end:
+                a0 += vals[k] * x[cols[k]]
+                k += 1
+            y[i] = bias[i] + ((a0 + a1) + (a2 + a3))
 
     @njit(nogil=True, fastmath=True, cache=False)
     def csr_mm(rowptr, cols, vals, bias, xt, yt, r0, r1):  # xt: (in, B), yt: (out, B)
