@@ -44,8 +44,13 @@ def make_data(kind: str, n: int, seed: int = 0) -> np.ndarray:
 def bench_kmeans(sizes: list[int], kinds: list[str], k: int = 32) -> list[dict]:
     from sklearn.cluster import KMeans
 
+    from dcomp.compressors import kmeans as km
     from dcomp.compressors.kmeans import inertia_of, kmeans1d
 
+    t0 = time.perf_counter()
+    compiled = km._kernels() is not None  # numba kernels: compiled or loaded from cache once per process
+    print(f"numba kernels: {'yes' if compiled else 'no'} (load/compile {time.perf_counter() - t0:.2f} s, not "
+          f"counted below; used from {km.NUMBA_MIN:,} values)\n")
     rows = []
     for kind in kinds:
         for n in sizes:
@@ -144,7 +149,8 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["normal", "pruned"])
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average at start {os.getloadavg()[0]:.1f}\n")
     if args.part in ("kmeans", "all"):
         print("## k-means, 32 clusters, linear init: dcomp vs scikit-learn (one run each)\n")
         print(kmeans_table(bench_kmeans(args.sizes, args.kinds)))
@@ -152,6 +158,7 @@ def main() -> None:
     if args.part in ("pipeline", "all"):
         print("## LeNet-300-100 on digits: test top-1 % (359 test images; one image = 0.28 points)\n")
         print(pipeline_table(bench_pipeline(list(range(args.seeds)))))
+    print(f"\nload average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

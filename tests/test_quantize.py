@@ -271,3 +271,15 @@ def test_cli_refuses_requantizing_to_more_bits(cli, pruned_path, tmp_path):
     r = cli("quantize", q, "--bits", "6", "-o", out)
     assert r.exit_code == 2 and "already quantized to 3 bits" in r.stderr and not out.exists()
     assert cli("quantize", q, "--bits", "6", "--requantize", "-o", out).exit_code == 0
+
+
+def test_stage_finetune_with_fixed_centroid_lr(pruned, digits):
+    cfg = QuantizeConfig(bits=3, finetune=TrainConfig(epochs=1, lr=0.01, weight_decay=0.0), centroid_lr=1e-30)
+    res = apply_quantize(pruned, cfg, StageContext(data=digits))
+    plain = apply_quantize(pruned, QuantizeConfig(bits=3), StageContext()).checkpoint
+    for n in plain.quant:  # a negligible centroid rate: the codebooks stay where k-means put them
+        assert torch.equal(res.checkpoint.quant[n]["codebook"], plain.quant[n]["codebook"])
+    assert not torch.equal(res.checkpoint.state_dict["fc1.bias"], plain.state_dict["fc1.bias"])  # biases trained
+    assert {"top1_before", "top1_quantized", "top1_finetuned", "top1_after"} <= set(res.metrics)
+    with pytest.raises(UsageError, match="needs training data"):
+        apply_quantize(pruned, cfg, StageContext())
