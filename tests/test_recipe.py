@@ -33,6 +33,8 @@ def _tiny(raw: dict) -> dict:
             st["rounds"] = 2
         if "agp" in st:
             st["agp"].update(start=0, end=1, every=1)
+        if st["stage"] == "bench":
+            st.update(seconds=0.1, iters=5, warmup=1, batches=[1])
         if "iht" in st:
             st["iht"].update(sparse_len=1, dense_len=1)
             st["train"]["epochs"] = 3
