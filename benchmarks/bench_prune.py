@@ -135,7 +135,7 @@ def big(n_out: int = 7072, n_in: int = 7072) -> None:
     t_sort = time.perf_counter() - t
     peak = (_rss_kib("VmHWM") - start) * 1024 / wbytes
     del s, thr
-    print(f"| baseline: full sort of |w| | {t_sort:.2f} | 1.00x | {peak:.1f} | - |")
+    print(f"| baseline: full sort of abs(w) | {t_sort:.2f} | 1.00x | {peak:.1f} | - |")
     for label, cfg in [("layer-wise 90% (kthvalue)", PruneConfig(sparsity=0.9)),
                        ("global 90%", PruneConfig(method="global", sparsity=0.9)),
                        ("2:4", PruneConfig(method="nm", nm="2:4"))]:
