@@ -133,8 +133,12 @@ def kmeans1d(values: torch.Tensor, k: int, init: str = "linear", max_iter: int =
         c = np.where(counts > 0, sums / np.maximum(counts, 1), c)
         if relocate_empty and not counts.all():
             if squares is None:
-                squares = np.zeros(n + 1)
-                squares[1:] = torch.cumsum(xs_t.double() ** 2, 0).numpy()
+                squares = np.empty(n + 1)
+                if kernels is not None:
+                    kernels[2](xs, squares)
+                else:
+                    squares[0] = 0.0
+                    squares[1:] = torch.cumsum(xs_t.double() ** 2, 0).numpy()
             c = _relocate(c, edges, counts, sums, prefix, squares, xs)
 
     # final assignment: every value to its nearest centroid (as float32, the codebook that is stored)
@@ -239,7 +243,17 @@ def _build_kernels():
                 n -= half
             out[i] = base + (mids[base] <= v)
 
-    return prefix_distinct, labels_right
+    @numba.njit(cache=True, nogil=True)
+    def prefix_squares(xs, out):  # pragma: no cover - compiled
+        s = 0.0
+        out[0] = 0.0
+        for i in range(xs.size):
+            v = np.float64(xs[i])
+            s += v * v
+            out[i + 1] = s
+        return 0
+
+    return prefix_distinct, labels_right, prefix_squares
 
 
 def _f32_ceil(b: np.ndarray) -> np.ndarray:
