@@ -6,7 +6,9 @@ The layout is specified in docs/FORMAT.md; this module follows it section by sec
     ckpt2 = read_bytes(data, source="model.dcz")  # bit-identical state_dict, masks, quant
     info = inspect_bytes(data)                    # header and section table only
 
-Reading uses numpy only (torch just wraps the arrays as tensors); nothing is unpickled or run.
+Reading needs numpy only (torch just wraps the arrays as tensors); when numba is installed two hot
+loops (Huffman blocks, and symbols -> weights/mask/assignments) run compiled, with the numpy code as
+the reference. Nothing is unpickled or run from the file.
 """
 
 from __future__ import annotations
