@@ -129,11 +129,15 @@ class ChunkPool:
                 if i >= len(chunks):
                     return
                 job["next"] = i + 1
-            fn(*chunks[i])
-            with self._cv:
-                job["done"] += 1
-                if job["done"] == len(chunks):
-                    self._cv.notify_all()
+            try:
+                fn(*chunks[i])
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, never lost in a helper
+                job["error"] = e
+            finally:
+                with self._cv:
+                    job["done"] += 1
+                    if job["done"] == len(chunks):
+                        self._cv.notify_all()
 
     def run(self, fn, chunks: list[tuple[int, int]]) -> None:
         if self.threads == 1 or len(chunks) == 1:
@@ -149,6 +153,8 @@ class ChunkPool:
         with self._cv:
             while job["done"] < len(chunks):
                 self._cv.wait()
+        if job.get("error") is not None:
+            raise job["error"]
 
 
 _pools: dict[int, ChunkPool] = {}
