@@ -48,7 +48,7 @@ def bench_kmeans(sizes: list[int], kinds: list[str], k: int = 32) -> list[dict]:
     from dcomp.compressors.kmeans import inertia_of, kmeans1d
 
     t0 = time.perf_counter()
-    compiled = km._kernels() is not None  # numba kernels: compiled or loaded from cache once per process
+    compiled = km.warm_up()  # numba kernels: compiled (or loaded from numba's cache) once per process
     print(f"numba kernels: {'yes' if compiled else 'no'} (load/compile {time.perf_counter() - t0:.2f} s, not "
           f"counted below; used from {km.NUMBA_MIN:,} values)\n")
     rows = []
