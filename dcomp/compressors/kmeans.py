@@ -194,7 +194,7 @@ def _assign(x: torch.Tensor, xs: np.ndarray, codebook: np.ndarray, iterations: i
 # Below NUMBA_MIN values (or with DCOMP_NO_NUMBA=1, or without numba) the numpy/torch code above is
 # used; both give identical results (tests compare them). The kernels are compiled once and cached.
 
-NUMBA_MIN = 1 << 21
+NUMBA_MIN = 1 << 23  # numba costs ~1-3 s once per process (import, LLVM, cache load): pays off on big layers
 _KERNELS: object = False
 
 
