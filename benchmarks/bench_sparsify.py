@@ -147,7 +147,7 @@ def main() -> None:
                                sp, cs, 3, 1 if args.quick else args.seeds))
     if args.only in (None, "lenet-5"):
         sp = [0.9] if args.quick else [0.9, 0.95, 0.97, 0.98]
-        cs = [2.0] if args.quick else [1.5, 2.0, 2.5, 3.0]
+        cs = [2.0] if args.quick else [1.5, 2.0, 2.5, 3.0, 3.5]
         out.append(bench_model("LeNet-5 on digits resized to 28x28", "lenet-5", 28, 10, 2 if args.quick else 6,
                                sp, cs, 3, 1 if args.quick else args.seeds))
     print("\n".join(out))
