@@ -143,7 +143,7 @@ def test_torchscript_archive_goes_in_a_raw_section():
     archive = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
     ck = make_ckpt({k: v.detach() for k, v in m.state_dict().items()}, arch={"kind": "torchscript", "archive": archive})
     data, _, back = roundtrip(ck)
-    assert b'"archive":{"section"' in data
+    assert b'"archive":{"section"' in header_json(data)
     assert isinstance(back.build_model(), torch.nn.Module)
 
 
@@ -228,8 +228,31 @@ def test_pack_config_rejects_bad_values():
 
 # ---- hand-made files: one per reader check ---------------------------------------------------------
 
-def frame(header: dict | bytes, sections: list[bytes], *, major=1, flags=0, reserved=0, fix_table=True) -> bytes:
-    """Assemble a file around a header and section bytes (filling the section table)."""
+def header_json(data: bytes) -> bytes:
+    """The header JSON bytes of a well-formed file, decompressed when flags bit 0 says so."""
+    flags, hlen, _, usize = struct.unpack_from("<IQII", data, 12)
+    stored = data[32:32 + hlen]
+    return zlib.decompress(stored) if flags & 1 else stored
+
+
+def reframe(data: bytes, h: dict) -> bytes:
+    """Replace the header of a file by ``h`` (compressed like the original), with a valid CRC."""
+    flags, hlen = struct.unpack_from("<IQ", data, 12)
+    d = (32 + hlen + 7) // 8 * 8
+    new = json.dumps(h, separators=(",", ":")).encode()
+    usize = 0
+    if flags & 1:
+        new, usize = zlib.compress(new, 9), len(new)
+    pad = b"\0" * (-(32 + len(new)) % 8)
+    return data[:16] + struct.pack("<QII", len(new), zlib.crc32(new), usize) + new + pad + data[d:]
+
+
+def frame(header: dict | bytes, sections: list[bytes], *, major=1, minor=0, flags=0, reserved=0, fix_table=True,
+          stored: bytes | None = None) -> bytes:
+    """Assemble a file around a header and section bytes (filling the section table).
+
+    ``stored``: the header bytes as they go into the file (e.g. a zlib stream, with flags=1 and
+    reserved = the decompressed size); by default the JSON itself."""
     if isinstance(header, dict):
         header = dict(header)
         if fix_table:
@@ -241,7 +264,9 @@ def frame(header: dict | bytes, sections: list[bytes], *, major=1, flags=0, rese
         hj = json.dumps(header).encode()
     else:
         hj = header
-    out = bytearray(DCZ_MAGIC + struct.pack("<HHIQII", major, 0, flags, len(hj), zlib.crc32(hj), reserved) + hj)
+    if stored is not None:
+        hj = stored
+    out = bytearray(DCZ_MAGIC + struct.pack("<HHIQII", major, minor, flags, len(hj), zlib.crc32(hj), reserved) + hj)
     out += b"\0" * (-len(out) % 8)
     for i, s in enumerate(sections):
         out += s
@@ -257,7 +282,8 @@ def base_header(tensors=None) -> dict:
 
 
 RAW = {"name": "w", "dtype": "float32", "shape": [2], "encoding": "raw", "section": 0}
-GOOD = frame(base_header([RAW]), [np.array([1.0, 2.0], "<f4").tobytes()])
+GOOD_W = np.array([1.0, 2.0], "<f4").tobytes()
+GOOD = frame(base_header([RAW]), [GOOD_W])
 
 
 def _sparse_file(numel_shape, count=4, nnz=1) -> bytes:
@@ -265,6 +291,24 @@ def _sparse_file(numel_shape, count=4, nnz=1) -> bytes:
     t = {"name": "big", "dtype": "float32", "shape": numel_shape, "encoding": "sparse", "index_bits": 5, "nnz": nnz,
          "gaps": gaps, "values": {"kind": "raw", "section": 1}}
     return frame(base_header([t]), [bytes((count * 5 + 7) // 8), bytes(4 * nnz)])
+
+
+def _zframe(stored: bytes | None = None, usize: int | None = None, flags: int = 1) -> bytes:
+    """GOOD's header and section, the header zlib-compressed (format 1.1); override the stream or size."""
+    hj = json.dumps({**base_header([RAW]), "sections": [[0, 8, zlib.crc32(GOOD_W)]]}).encode()
+    z = zlib.compress(hj, 9) if stored is None else stored
+    return frame(hj, [GOOD_W], minor=1, flags=flags, reserved=len(hj) if usize is None else usize, stored=z)
+
+
+def _bomb(n: int) -> bytes:
+    """A zlib stream of n zero bytes (about n / 1000 bytes long), built without holding n bytes."""
+    c = zlib.compressobj(9)
+    chunk = bytes(1 << 20)
+    out = [c.compress(chunk[:min(len(chunk), n - i)]) for i in range(0, n, len(chunk))]
+    return b"".join(out) + c.flush()
+
+
+GOOD_Z = _zframe()
 
 
 def _flip(data: bytes, at: int) -> bytes:
@@ -277,7 +321,19 @@ CASES = {
     "too small": (GOOD[:20], "shorter than the 32-byte preamble"),
     "wrong magic": (b"PK\x03\x04" + GOOD[4:], "wrong magic"),
     "version": (frame(base_header([RAW]), [bytes(8)], major=2), "unsupported .dcz version 2"),
-    "flags": (frame(base_header([RAW]), [bytes(8)], flags=1), "reserved bits"),
+    "flags": (frame(base_header([RAW]), [bytes(8)], flags=2), "unknown flag bit 1 set"),
+    "flag bit 31": (_zframe(flags=1 | 1 << 31), "unknown flag bit 31 set"),
+    "zheader size zero": (_zframe(usize=0), "decompressed header size 0 stated in the preamble"),
+    "zheader size over cap": (_zframe(usize=(1 << 27) + 1), "decompressed header size 134217729"),
+    "zheader corrupt": (_zframe(stored=b"x\xda" + bytes(range(40))), "header zlib stream is corrupt"),
+    "zheader not zlib": (_zframe(stored=json.dumps(base_header([RAW])).encode()), "header zlib stream is corrupt"),
+    "zheader truncated": (_zframe(stored=zlib.compress(json.dumps(base_header([RAW])).encode())[:-9]),
+                          "header zlib stream is truncated"),
+    "zheader bomb": (_zframe(stored=_bomb(8 << 20), usize=4096), "more than the 4096 bytes stated"),
+    "zheader short": (_zframe(usize=5000), "the preamble states 5000"),
+    "zheader stray": (_zframe(stored=zlib.compress(json.dumps({**base_header([RAW]), "sections": [[0, 8, zlib.crc32(GOOD_W)]]}).encode()) + b"xx"),
+                      "followed by stray bytes"),
+    "zheader not json": (_zframe(stored=zlib.compress(b"{not json"), usize=9), "not valid UTF-8 JSON"),
     "reserved": (frame(base_header([RAW]), [bytes(8)], reserved=5), "reserved bits"),
     "header length": (GOOD[:16] + struct.pack("<Q", 10**15) + GOOD[24:], "header length"),
     "header crc": (_flip(GOOD, 40), "header checksum"),
@@ -319,6 +375,57 @@ def test_reader_rejects(case):
 def test_good_hand_made_file_reads():
     ck = dcz.read_bytes(GOOD, "good.dcz")
     assert ck.state_dict["w"].tolist() == [1.0, 2.0]
+    ck = dcz.read_bytes(GOOD_Z, "good_z.dcz")  # the same file with a compressed header (1.1)
+    assert ck.state_dict["w"].tolist() == [1.0, 2.0]
+
+
+def test_compressed_header_round_trip_and_size():
+    """The writer compresses the header when that is smaller; both forms read back identically."""
+    g = torch.Generator().manual_seed(5)
+    w, m, q = quantized((60, 50), 0.1, 5, g)
+    ck = make_ckpt({"fc.weight": w, "fc.bias": torch.randn(60, generator=g)}, {"fc.weight": m}, {"fc.weight": q})
+    for i in range(6):  # a long provenance, as after a recipe run (NaN included)
+        ck.add_provenance(f"stage{i}", {"lr": 0.01 * i, "epochs": i}, {"top1": 97.123456789 - i, "loss": float("nan")})
+    data, report, _ = roundtrip(ck)
+    major, minor, flags, hlen, _, usize = struct.unpack_from("<HHIQII", data, 8)
+    assert (major, minor, flags) == (1, 1, 1)
+    assert report["header_compressed"] and report["header_stored_bytes"] == hlen < usize == report["header_json_bytes"]
+    plain, plain_report, _ = roundtrip(ck, compress_header=False)
+    assert struct.unpack_from("<IQI", plain, 12)[0] == 0 and struct.unpack_from("<I", plain, 28)[0] == 0
+    assert not plain_report["header_compressed"] and plain_report["header_json_bytes"] == usize
+    assert header_json(data) == header_json(plain)  # the same JSON, only stored differently
+    assert len(data) < len(plain) and data[report["header_bytes"]:] == plain[plain_report["header_bytes"]:]
+    info = dcz.inspect_bytes(data)
+    assert info["version"] == "1.1" and info["provenance_stages"][-1] == "stage5"
+
+
+def test_tiny_header_stays_uncompressed_when_zlib_does_not_help(monkeypatch):
+    monkeypatch.setattr(dcz.zlib, "compress", lambda b, level=9: b + b"pad")
+    data, report, _ = roundtrip(make_ckpt({"w": torch.ones(2)}))
+    assert struct.unpack_from("<I", data, 12)[0] == 0 and not report["header_compressed"]
+
+
+def test_header_bomb_is_capped_not_allocated(monkeypatch):
+    """A zlib stream claiming a small header but inflating to 8 MiB: decompression stops at the cap."""
+    seen = []
+    real = zlib.decompressobj
+
+    class Spy:
+        def __init__(self):
+            self.z = real()
+
+        def decompress(self, raw, max_length=0):
+            out = self.z.decompress(raw, max_length)
+            seen.append((max_length, len(out)))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.z, name)
+
+    monkeypatch.setattr(dcz.zlib, "decompressobj", Spy)
+    with pytest.raises(FormatError, match="zip bomb"):
+        dcz.read_bytes(CASES["zheader bomb"][0], "bomb.dcz")
+    assert seen == [(4097, 4097)]
 
 
 def test_huge_claim_rejected_before_allocation(monkeypatch):
@@ -383,14 +490,11 @@ def _fix_crcs(data: bytes) -> bytes:
     """Recompute header and section CRCs so that the deeper checks are reached."""
     try:
         hlen = struct.unpack_from("<Q", data, 16)[0]
-        hj = data[32:32 + hlen]
-        h = json.loads(hj)
+        h = json.loads(header_json(data))
         d = (32 + hlen + 7) // 8 * 8
         for s in h["sections"]:
             s[2] = zlib.crc32(data[d + s[0]:d + s[1]])
-        new = json.dumps(h, separators=(",", ":")).encode()
-        pad = b"\0" * (-(32 + len(new)) % 8)
-        return data[:16] + struct.pack("<QI", len(new), zlib.crc32(new)) + data[28:32] + new + pad + data[d:]
+        return reframe(data, h)
     except Exception:  # noqa: BLE001 - not fixable: fuzz the bytes as they are
         return data
 
@@ -400,8 +504,7 @@ def _fix_crcs(data: bytes) -> bytes:
        st.sampled_from([0, 1, -1, 2**40, 10**12, "x", None, [1]]))
 def test_fuzz_header_values(which, key, value):
     """Valid CRCs, hostile numbers in the header: still only FormatError, no huge allocation."""
-    hlen = struct.unpack_from("<Q", SAMPLE, 16)[0]
-    h = json.loads(SAMPLE[32:32 + hlen])
+    h = json.loads(header_json(SAMPLE))
     targets = []
 
     def walk(o):
@@ -418,10 +521,7 @@ def test_fuzz_header_values(which, key, value):
     if not targets:
         return
     targets[which % len(targets)][key] = value
-    new = json.dumps(h, separators=(",", ":")).encode()
-    d = (32 + hlen + 7) // 8 * 8
-    data = SAMPLE[:16] + struct.pack("<QI", len(new), zlib.crc32(new)) + SAMPLE[28:32] + new + b"\0" * (-(32 + len(new)) % 8) + SAMPLE[d:]
-    _decode_only_format_errors(data)
+    _decode_only_format_errors(reframe(SAMPLE, h))
 
 
 # ---- the saved corpus ---------------------------------------------------------------------------
@@ -439,13 +539,29 @@ def test_corpus_replay():
                 dcz.read_bytes(data, f.name)
 
 
+def test_corpus_keeps_format_1_0_files():
+    """Files written before header compression (format 1.0, flags 0) must keep reading."""
+    old = [f for f in sorted(CORPUS.glob("ok_*.dcz")) if f.read_bytes()[10:12] == b"\0\0"]
+    new = [f for f in sorted(CORPUS.glob("ok_*.dcz")) if struct.unpack_from("<I", f.read_bytes(), 12)[0] == 1]
+    assert len(old) >= 3 and len(new) >= 2
+    for f in old:
+        assert struct.unpack_from("<I", f.read_bytes(), 12)[0] == 0
+        dcz.read_bytes(f.read_bytes(), f.name)
+
+
 def write_corpus() -> None:  # pragma: no cover - run by hand: python -c "import tests.test_dcz as t; t.write_corpus()"
+    """Adds missing files; existing ones (e.g. the format 1.0 files) are kept as they are."""
     CORPUS.mkdir(parents=True, exist_ok=True)
-    (CORPUS / "ok_sample.dcz").write_bytes(SAMPLE)
-    (CORPUS / "ok_hand_made.dcz").write_bytes(GOOD)
-    (CORPUS / "ok_no_huffman.dcz").write_bytes(dcz.write_bytes(dcz.read_bytes(SAMPLE), dcz.PackConfig(huffman=False)))
+
+    def put(name: str, data: bytes) -> None:
+        if not (CORPUS / name).exists():
+            (CORPUS / name).write_bytes(data)
+
+    put("ok_sample_z.dcz", SAMPLE)
+    put("ok_hand_made_z.dcz", GOOD_Z)
+    put("ok_no_huffman_z.dcz", dcz.write_bytes(dcz.read_bytes(SAMPLE), dcz.PackConfig(huffman=False)))
     for name, (data, _) in CASES.items():
-        (CORPUS / f"bad_{name.replace(' ', '_')}.dcz").write_bytes(data)
+        put(f"bad_{name.replace(' ', '_')}.dcz", data)
     rng = np.random.default_rng(0)
     for i in range(6):
         b = bytearray(SAMPLE)
@@ -457,4 +573,5 @@ def write_corpus() -> None:  # pragma: no cover - run by hand: python -c "import
             prefix = "ok"
         except FormatError:
             prefix = "bad"
-        (CORPUS / f"{prefix}_mutated_{i}.dcz").write_bytes(data)
+        if not list(CORPUS.glob(f"*_mutated_{i}.dcz")):
+            (CORPUS / f"{prefix}_mutated_{i}.dcz").write_bytes(data)

@@ -30,9 +30,11 @@ from dcomp.errors import FormatError
 from dcomp.formats import DCZ_MAGIC
 from dcomp.formats.checkpoint import Checkpoint
 
-MAJOR, MINOR = 1, 0
+MAJOR, MINOR = 1, 1
 PREAMBLE = 32
-MAX_HEADER = 1 << 27
+MAX_HEADER = 1 << 27          # limit for the header as stored and, when compressed, as decompressed
+FLAG_ZHEADER = 1              # flags bit 0: the header is a zlib stream (format 1.1)
+KNOWN_FLAGS = FLAG_ZHEADER
 ALIGN = 8
 DEFAULT_MAX_BYTES = 1 << 34   # refuse files that would decode to more than 16 GiB
 
@@ -57,6 +59,7 @@ class PackConfig(BaseModel):
     huffman: bool = Field(True, description="allow Huffman coding (off: fixed width only)")
     block: int = Field(hf.DEFAULT_BLOCK, description="symbols per Huffman block")
     verify: bool = Field(True, description="decode the packed bytes and compare bit for bit")
+    compress_header: bool = Field(True, description="store the header JSON zlib-compressed when that is smaller")
 
     @field_validator("index_bits", "index_bits_fc", "index_bits_conv")
     @classmethod
@@ -346,8 +349,13 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
         header["sections"].append([offset, offset + len(part), zlib.crc32(part)])
         offset = _align(offset + len(part))
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    pre = DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, MINOR, 0, len(hjson), zlib.crc32(hjson), 0)
-    out = bytearray(pre + hjson)
+    stored, flags, usize = hjson, 0, 0
+    if cfg.compress_header:
+        z = zlib.compress(hjson, 9)
+        if len(z) < len(hjson):
+            stored, flags, usize = z, FLAG_ZHEADER, len(hjson)
+    pre = DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, MINOR, flags, len(stored), zlib.crc32(stored), usize)
+    out = bytearray(pre + stored)
     out += b"\0" * (_align(len(out)) - len(out))
     for i, part in enumerate(sec.parts):
         out += part
@@ -376,6 +384,7 @@ def apply_pack(ckpt: Checkpoint, cfg: PackConfig | None = None, ctx: Any = None)
     data, report = pack(ckpt, cfg)
     metrics = {"file_bytes": report["file_bytes"], "dense_float32_bytes": report["dense_float32_bytes"],
                "ratio": report["ratio"], "header_bytes": report["header_bytes"],
+               "header_json_bytes": report["header_json_bytes"], "header_compressed": report["header_compressed"],
                "encodings": {r["name"]: r["encoding"] for r in report["layers"]}}
     if ctx is not None and getattr(ctx, "console", None) is not None:
         ctx.console.print(f"packed: {report['file_bytes']:,} bytes, {report['ratio']:.1f}x smaller than float32 dense")
@@ -407,10 +416,14 @@ def _verify(ckpt: Checkpoint, back: Checkpoint) -> None:
 # ---- reading: header and section table ----------------------------------------------------------
 
 class _Header:
-    def __init__(self, h: dict, data_start: int, sections: list[tuple[int, int, int]]):
+    def __init__(self, h: dict, data_start: int, sections: list[tuple[int, int, int]],
+                 stored: int = 0, json_bytes: int = 0, compressed: bool = False):
         self.h = h
         self.d = data_start
         self.sections = sections
+        self.stored = stored            # header bytes as stored in the file
+        self.json_bytes = json_bytes    # header JSON bytes (after decompression)
+        self.compressed = compressed
 
 
 def _fail(source: str, msg: str) -> FormatError:
@@ -424,16 +437,26 @@ def read_header(data: bytes, source: str = "input") -> _Header:
         raise _fail(source, f"truncated .dcz file: {n} bytes, shorter than the {PREAMBLE}-byte preamble")
     if data[:8] != DCZ_MAGIC:
         raise _fail(source, "not a .dcz file (wrong magic bytes)")
-    major, minor, flags, hlen, hcrc, reserved = struct.unpack_from("<HHIQII", data, 8)
+    major, minor, flags, hlen, hcrc, usize = struct.unpack_from("<HHIQII", data, 8)
     if major != MAJOR:
         raise _fail(source, f"unsupported .dcz version {major}.{minor} (this dcomp reads {MAJOR}.x); upgrade dcomp")
-    if flags or reserved:
+    unknown = flags & ~KNOWN_FLAGS
+    if unknown:
+        bits = ", ".join(str(i) for i in range(32) if unknown >> i & 1)
+        raise _fail(source, f"unknown flag bit {bits} set in the .dcz preamble (corrupt file or newer writer); upgrade dcomp")
+    compressed = bool(flags & FLAG_ZHEADER)
+    if not compressed and usize:
         raise _fail(source, "reserved bits set in the .dcz preamble (corrupt file or newer writer)")
+    if compressed and not 1 <= usize <= MAX_HEADER:
+        raise _fail(source, f"decompressed header size {usize} stated in the preamble is not between 1 and "
+                            f"{MAX_HEADER} bytes (corrupt file)")
     if hlen == 0 or hlen > MAX_HEADER or PREAMBLE + hlen > n:
         raise _fail(source, f"header length {hlen} does not fit the {n}-byte file (truncated or corrupt)")
     raw = data[PREAMBLE:PREAMBLE + hlen]
     if zlib.crc32(raw) != hcrc:
         raise _fail(source, "header checksum mismatch (corrupt file)")
+    if compressed:
+        raw = _inflate_header(raw, usize, source)
     try:
         h = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -461,7 +484,26 @@ def read_header(data: bytes, source: str = "input") -> _Header:
     end = d + (h["sections"][-1][1] if secs else 0)
     if end != n:
         raise _fail(source, f"section table: file is {n} bytes but the sections end at {end} (truncated or trailing bytes)")
-    return _Header(h, d, secs)
+    return _Header(h, d, secs, stored=hlen, json_bytes=len(raw), compressed=compressed)
+
+
+def _inflate_header(raw: bytes, usize: int, source: str) -> bytes:
+    """Decompress a zlib-stored header, never producing more than ``usize + 1`` bytes."""
+    z = zlib.decompressobj()
+    try:
+        out = z.decompress(raw, usize + 1)
+    except zlib.error as e:
+        raise _fail(source, f"header zlib stream is corrupt ({e})") from None
+    if len(out) > usize:
+        raise _fail(source, f"header decompresses to more than the {usize} bytes stated in the preamble "
+                            "(corrupt file or zip bomb)")
+    if not z.eof:
+        raise _fail(source, "header zlib stream is truncated (corrupt file)")
+    if z.unused_data:
+        raise _fail(source, "header zlib stream is followed by stray bytes (corrupt file)")
+    if len(out) != usize:
+        raise _fail(source, f"header decompresses to {len(out)} bytes, the preamble states {usize} (corrupt file)")
+    return out
 
 
 def _is_int(x) -> bool:
@@ -921,6 +963,7 @@ def inspect_bytes(data: bytes, source: str = "input") -> dict:
     file_bytes = len(data)
     return {"source": source, "version": f"{MAJOR}.{struct.unpack_from('<H', data, 10)[0]}",
             "dcomp_version": h.get("dcomp_version"), "arch": {k: v for k, v in h["arch"].items() if k != "archive"},
-            "file_bytes": file_bytes, "header_bytes": hdr.d, "sections": len(hdr.sections),
+            "file_bytes": file_bytes, "header_bytes": hdr.d, "header_json_bytes": hdr.json_bytes,
+            "header_stored_bytes": hdr.stored, "header_compressed": hdr.compressed, "sections": len(hdr.sections),
             "dense_float32_bytes": dense, "ratio": dense / file_bytes if file_bytes else None,
             "params": sum(r["numel"] for r in rows), "layers": rows, "provenance_stages": [p.get("stage") for p in h["provenance"] if isinstance(p, dict)]}
