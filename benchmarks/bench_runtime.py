@@ -98,8 +98,8 @@ def part_vgg(args) -> dict:
     e_shrunk = export_checkpoint(shrunk, ExportConfig(variant="shrunk"))
     layers = e_shrunk.info["shrunk_layers"]
     print("\n## Part 1: vgg-small with 50% of its filters removed, onnxruntime\n")
-    print(f"input 1x{shape[1]}x{shape[2]} (digits --resize {args.resize}); shrunk layers: "
-          + ", ".join(f"{l['name']} {l['built'][0]}->{l['stored'][0]}" for l in layers))
+    print(f"input 1x{shape[1]}x{shape[2]} (digits --resize {args.resize}); shrunk conv layers: "
+          + ", ".join(f"{l['name']} {l['built']}->{l['stored']}" for l in layers if len(l["built"]) == 4))
     x_pool = ds.x_test.numpy()
     threads = torch.get_num_threads()
     runners = [OrtRunner(e_dense.onnx_bytes, threads, "dense original"), OrtRunner(e_shrunk.onnx_bytes, threads, "shrunk 50% filters")]
