@@ -161,7 +161,7 @@ def part_stack(args) -> dict:
         rows = sweep((width, width), args.sparsities, args.batches, threads, kernel, args.sweep_seconds)
         for r in rows:
             print(f"| {kernel} | {r['sparsity']:.0%} | {r['batch']} | {r['dense_s'] * 1e3:.3f} | {r['sparse_s'] * 1e3:.3f} | "
-                  f"{speed_words(r['speedup'])} |")
+                  f"{speed_words(r['speedup'], 'dense')} |")
         be[kernel] = {b: break_even(rows, b) for b in args.batches}
         out[f"sweep_{kernel}"] = rows
     print("\n| kernel | " + " | ".join(f"break-even, batch {b}" for b in args.batches) + " |")

@@ -92,6 +92,7 @@ def test_break_even_interpolates_and_says_never():
     assert break_even(rows, 1) == pytest.approx(0.85)
     assert break_even([{**r, "speedup": 0.5} for r in rows], 1) is None
     assert speed_words(0.6) == "slower: 0.60x" and speed_words(2.0) == "2.00x faster"
+    assert speed_words(0.6, "dense") == "slower than dense: 0.60x" and speed_words(0.004) == "slower: 0.004x"
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "a", "1.5", "1,,8", ""])

@@ -106,7 +106,7 @@ def render(c, s: dict) -> None:
             st.add_column(col, justify="right" if col not in ("sparse is",) else "left")
         for r in sw["rows"]:
             st.add_row(f"{r['shape'][0]}x{r['shape'][1]}", f"{r['sparsity']:.0%}", str(r["batch"]),
-                       f"{r['dense_s'] * 1e3:.3f}", f"{r['sparse_s'] * 1e3:.3f}", speed_words(r["speedup"]))
+                       f"{r['dense_s'] * 1e3:.3f}", f"{r['sparse_s'] * 1e3:.3f}", speed_words(r["speedup"], "dense"))
         c.print(st)
         for shape, per_batch in sw["break_even"].items():
             parts = [f"batch {b}: " + (f"{v:.0%}" if v is not None else "never (dense always faster)")

@@ -470,10 +470,11 @@ def break_even(rows: list[dict], batch: int) -> float | None:
     return s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0) if v1 != v0 else s1
 
 
-def speed_words(speedup: float) -> str:
-    """How a ratio reads in a table: '2.3x faster', 'slower than dense: 0.6x', 'same speed'."""
+def speed_words(speedup: float, than: str = "") -> str:
+    """How a ratio reads in a table: '2.30x faster', 'slower than dense: 0.60x', 'same (1.02x)'."""
+    num = f"{speedup:.2f}" if speedup >= 0.1 else f"{speedup:.3f}"
     if speedup >= 1.05:
-        return f"{speedup:.2f}x faster"
+        return f"{num}x faster"
     if speedup <= 0.95:
-        return f"slower: {speedup:.2f}x"
-    return f"same ({speedup:.2f}x)"
+        return f"slower{' than ' + than if than else ''}: {num}x"
+    return f"same ({num}x)"
