@@ -204,14 +204,18 @@ def _plain(obj: Any) -> Any:
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
+    if isinstance(obj, float):
+        # 6 significant digits: metrics are for people, and in a small packed model the
+        # provenance is a visible share of the file
+        return float(f"{obj:.6g}")
+    if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
+        return _plain(obj.item())
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item"):  # numpy scalars
-        return obj.item()
+        return _plain(obj.item())
     return str(obj)
 
 
