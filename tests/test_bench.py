@@ -21,6 +21,14 @@ from dcomp.runtime.sparse import HybridRunner, SparseLinear, break_even, plan_hy
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """run_bench and --threads set torch's thread count for the process; put it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def pruned(model: nn.Module, sparsity: float = 0.9, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
