@@ -431,7 +431,7 @@ def _fail(source: str, msg: str) -> FormatError:
 
 
 def read_header(data: bytes, source: str = "input") -> _Header:
-    """Checks 1-9 of docs/FORMAT.md: preamble, header JSON, schema basics, section table."""
+    """Checks 1-10 of docs/FORMAT.md: preamble, flags, (compressed) header JSON, schema basics, section table."""
     n = len(data)
     if n < PREAMBLE:
         raise _fail(source, f"truncated .dcz file: {n} bytes, shorter than the {PREAMBLE}-byte preamble")
@@ -535,7 +535,7 @@ def _check_schema(h: dict, source: str) -> None:
             raise bad(f"tensors[{i}].encoding", f"unknown encoding {t.get('encoding')!r} (tensor {t['name']})")
 
 
-# ---- reading: per-tensor claims (check 10) -------------------------------------------------------
+# ---- reading: per-tensor claims (check 11) -------------------------------------------------------
 
 class _Reader:
     def __init__(self, data: bytes, hdr: _Header, source: str, max_bytes: int):
