@@ -541,7 +541,7 @@ def _run_bench(ckpt, s, ctx, state):
 
     src = read_checkpoint(state.packed, "packed") if state.packed is not None else ckpt
     log = (lambda m: ctx.console.print(f"[dim]{m}[/dim]")) if ctx.console is not None else None
-    summary = run_bench(src, s.config, resolve_threads(None), baseline=state.input_ckpt, data=ctx.data,
+    summary = run_bench(src, s.config, resolve_threads(ctx.threads), baseline=state.input_ckpt, data=ctx.data,
                         trust_pickle=ctx.trust_pickle, seed=ctx.seed, log=log)
     summary["headline"] = bench_headline(summary)
     return None, None, summary

@@ -26,6 +26,7 @@ class StageContext:
     console: Console | None = None   # progress and logs go here (stderr); None = silent
     seed: int = 0
     trust_pickle: bool = False
+    threads: int | None = None       # CPU threads for runtimes (None: torch's current setting)
 
 
 @dataclass

@@ -42,7 +42,8 @@ def run(
     size = resize if resize is not None else rec.defaults.resize
     ds = load_dataset(spec, size)
     con = common.console()
-    ctx = StageContext(data=ds, console=con, seed=rec.defaults.seed, trust_pickle=common.state.trust_pickle)
+    ctx = StageContext(data=ds, console=con, seed=rec.defaults.seed, trust_pickle=common.state.trust_pickle,
+                       threads=common.state.threads)
 
     def load(b: bytes, src: str):
         ckpt = common.load_checkpoint(common.Input(b, src, inp.path), arch, arch_kwargs, spec, size)
