@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dcomp.compressors.surgery import DNS, DNSConfig, dns_mask_update, dns_thresholds
@@ -69,3 +70,25 @@ def test_cli_dns_bad_gamma(cli, lenet_path, tmp_path):
     r = cli("retrain", lenet_path, "--method", "dns", "--dns-gamma", "-1", "-o", tmp_path / "o.pt")
     assert r.exit_code == 2 and "--dns-gamma" in r.stderr
     assert not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.slow
+def test_dns_masks_identical_under_torchrun(tmp_path, lenet_path):
+    """Two ranks draw the same mask-update coin flips and see the same weights: fit checks the checksums."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("torchrun")
+    cmd = ([exe] if exe else [sys.executable, "-m", "torch.distributed.run"]) + [
+        "--standalone", "--nproc_per_node", "2", "-m", "dcomp", "retrain", str(lenet_path), "--method", "dns",
+        "--dns-c", "1.5", "--epochs", "1", "-o", "out.pt", "--json", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout)
+    assert 0.5 < summary["masked_sparsity"] < 1.0
+    ck = read_checkpoint((tmp_path / "out.pt").read_bytes())
+    assert all(torch.all(ck.state_dict[n][~m] == 0) for n, m in ck.masks.items())
