@@ -184,7 +184,7 @@ def main() -> None:
         out.append(bench_model("LeNet-5 on digits resized to 28x28", "lenet-5", 28, 10, 2 if args.quick else 6,
                                sp, cs, 3, 1 if args.quick else args.seeds))
     if args.only in (None, "group-lasso"):
-        out.append(bench_group_lasso([0.5, 1.0, 2.0] if not args.quick else [1.0], 3 if args.quick else 12,
+        out.append(bench_group_lasso([0.05, 0.1, 0.2, 0.3, 0.4] if not args.quick else [0.1], 3 if args.quick else 12,
                                      1 if args.quick else args.seeds))
     print("\n".join(out))
 
