@@ -14,7 +14,10 @@ All but DNS prune every Linear/Conv weight to the same per-layer sparsity s. The
 top-1 and the sparsity of the Linear/Conv weights, and per method the highest sparsity whose
 accuracy is within 1 (and 2) points of the dense baseline ("at equal accuracy").
 
-    python benchmarks/bench_sparsify.py            # both models (about 15 minutes with 1 thread)
+A third table (``--only group-lasso``): group lasso (row + column groups, proximal) on
+LeNet-300-100 followed by structural removal of the zeroed units, for several lambdas.
+
+    python benchmarks/bench_sparsify.py            # both models and the group-lasso table (about 15 minutes with 1 thread)
     python benchmarks/bench_sparsify.py --quick    # fewer points, for a smoke run
 """
 
