@@ -75,3 +75,15 @@ def test_synthetic_is_seeded_and_sized():
 def test_bad_specs_say_what_is_accepted(spec):
     with pytest.raises(UsageError):
         load_dataset(spec)
+
+
+def test_digits_fast_path_equals_scikit_learn_loader():
+    from sklearn.datasets import load_digits
+
+    from dcomp.data import _split, _tensors
+
+    d = load_digits()
+    ref = _tensors("digits", *_split((d.images.astype(np.float32) / 16.0)[:, None], d.target), num_classes=10)
+    ds = load_dataset("digits")
+    assert torch.equal(ds.x_train, ref.x_train) and torch.equal(ds.y_train, ref.y_train)
+    assert torch.equal(ds.x_test, ref.x_test) and torch.equal(ds.y_test, ref.y_test)
