@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# `pytest -n 2` runs two workers on a 2-core machine: one thread each, or they oversubscribe
+# the cores (torch's default of 2 threads per process made the suite several times slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses the tests start
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
