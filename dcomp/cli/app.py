@@ -145,19 +145,16 @@ def global_options(
 
 
 def _register() -> None:
+    from dcomp.cli import bench, export, info, pack, prune, quantize, recipe, retrain, run, train, zoo
     from dcomp.cli import eval as eval_cmd
-    from dcomp.cli import info, retrain, train, zoo
 
-    app.command("train", help=train.__doc__)(train.train)
-    app.command("eval", help=eval_cmd.__doc__)(eval_cmd.eval_)
-    app.command("info", help=info.__doc__)(info.info)
-    app.command("zoo", help=zoo.__doc__)(zoo.zoo)
-    app.command("retrain", help=retrain.__doc__)(retrain.retrain)
-    from dcomp.cli import recipe, run; app.command("run", help=run.__doc__)(run.run); app.add_typer(recipe.recipe_app, name="recipe")  # noqa: E702
-    from dcomp.cli import prune; app.command("prune", help=prune.__doc__)(prune.prune)  # noqa: E702
-    from dcomp.cli import quantize; app.command("quantize", help=quantize.__doc__)(quantize.quantize)  # noqa: E702
-    from dcomp.cli import pack; [app.command(n, help=getattr(pack, n).__doc__)(getattr(pack, n)) for n in ("pack", "unpack", "inspect")]  # noqa: E702
-    from dcomp.cli import bench, export; app.command("export", help=export.__doc__)(export.export); app.command("bench", help=bench.__doc__)(bench.bench)  # noqa: E702
+    commands = [("train", train.train), ("eval", eval_cmd.eval_), ("info", info.info), ("zoo", zoo.zoo),
+                ("prune", prune.prune), ("retrain", retrain.retrain), ("quantize", quantize.quantize),
+                ("pack", pack.pack), ("unpack", pack.unpack), ("inspect", pack.inspect),
+                ("export", export.export), ("bench", bench.bench), ("run", run.run)]
+    for name, fn in commands:  # help: the function's docstring, else its module's
+        app.command(name, help=fn.__doc__ or sys.modules[fn.__module__].__doc__)(fn)
+    app.add_typer(recipe.recipe_app, name="recipe")
 
 
 _register()
