@@ -283,3 +283,23 @@ def test_stage_finetune_with_fixed_centroid_lr(pruned, digits):
     assert {"top1_before", "top1_quantized", "top1_finetuned", "top1_after"} <= set(res.metrics)
     with pytest.raises(UsageError, match="needs training data"):
         apply_quantize(pruned, cfg, StageContext())
+
+
+def test_float16_rounds_codebooks_and_biases_exactly(lenet_ckpt):
+    """--float16: codebooks and biases become float16 values (stored as float32), the
+    codebook invariant still holds bit for bit, and accuracy is measured after rounding."""
+    from dcomp.compressors.quantization import QuantizeConfig, apply_quantize, check_quantized
+    from dcomp.data import load_dataset
+    from dcomp.stages import StageContext
+
+    res = apply_quantize(lenet_ckpt, QuantizeConfig(bits=5, float16=True), StageContext(data=load_dataset("digits")))
+    out = res.checkpoint
+    check_quantized(out)
+    for name, q in out.quant.items():
+        cb = q["codebook"]
+        assert cb.dtype == torch.float32 and torch.equal(cb.half().float(), cb)
+    for name in ("fc1.bias", "fc2.bias", "fc3.bias"):
+        b = out.state_dict[name]
+        assert torch.equal(b.half().float(), b) and not torch.equal(b, lenet_ckpt.state_dict[name])
+    assert res.metrics["float16"]["rounded"] == 6 and res.metrics["float16"]["max_relative_change"] < 1e-3
+    assert res.metrics["top1_after"] == res.metrics["top1_float16"] and res.metrics["top1_float16"] > 85

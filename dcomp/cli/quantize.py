@@ -28,6 +28,7 @@ def quantize(
     requantize: Annotated[bool, typer.Option("--requantize", help="allow more bits than a layer is already quantized to (keeps its values)")] = False,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="epochs of centroid fine-tuning (needs data)")] = 0,
     centroid_lr: Annotated[Optional[float], typer.Option("--centroid-lr", help="centroid learning rate (default: --lr, scheduled)")] = None,
+    float16: Annotated[bool, typer.Option("--float16", help="round codebooks, biases and BatchNorm to float16 values (pack stores them in half the bytes, losslessly)")] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     data: DataOpt = None,
@@ -53,7 +54,7 @@ def quantize(
     try:
         cfg = QuantizeConfig(bits=bits, conv_bits=conv_bits, fc_bits=fc_bits, layers=parse_layer_bits(layer or []),
                              exclude=list(exclude or []), init=init, max_iter=max_iter, requantize=requantize,
-                             finetune=finetune, centroid_lr=centroid_lr)
+                             finetune=finetune, centroid_lr=centroid_lr, float16=float16)
     except ValidationError as e:
         raise common.UsageError(_message(e)) from None
 
@@ -90,8 +91,11 @@ def _render(c, metrics: dict, dest: str) -> None:
     c.print(t)
     rows = {}
     for key, label in (("top1_before", "test top-1 % before"), ("top1_quantized", "test top-1 % quantized"),
-                       ("top1_finetuned", "test top-1 % fine-tuned")):
+                       ("top1_finetuned", "test top-1 % fine-tuned"), ("top1_float16", "test top-1 % float16")):
         if key in metrics:
             rows[label] = metrics[key]
+    if "float16" in metrics:
+        f16 = metrics["float16"]
+        rows["float16"] = f"{f16['rounded']} tensors rounded, max relative change {f16['max_relative_change']:.2g}"
     rows["output"] = dest
     c.print(kv_table("accuracy" if "top1_before" in metrics else "result", rows))
