@@ -321,7 +321,7 @@ CASES = {
     "too small": (GOOD[:20], "shorter than the 32-byte preamble"),
     "wrong magic": (b"PK\x03\x04" + GOOD[4:], "wrong magic"),
     "version": (frame(base_header([RAW]), [bytes(8)], major=2), "unsupported .dcz version 2"),
-    "flags": (frame(base_header([RAW]), [bytes(8)], flags=2), "unknown flag bit 1 set"),
+    "flags": (frame(base_header([RAW]), [bytes(8)], flags=4), "unknown flag bit 2 set"),
     "flag bit 31": (_zframe(flags=1 | 1 << 31), "unknown flag bit 31 set"),
     "zheader size zero": (_zframe(usize=0), "decompressed header size 0 stated in the preamble"),
     "zheader size over cap": (_zframe(usize=(1 << 27) + 1), "decompressed header size 134217729"),
@@ -388,7 +388,7 @@ def test_compressed_header_round_trip_and_size():
         ck.add_provenance(f"stage{i}", {"lr": 0.01 * i, "epochs": i}, {"top1": 97.123456789 - i, "loss": float("nan")})
     data, report, _ = roundtrip(ck)
     major, minor, flags, hlen, _, usize = struct.unpack_from("<HHIQII", data, 8)
-    assert (major, minor, flags) == (1, 1, 1)
+    assert (major, minor, flags) == (1, 2, 1)
     assert report["header_compressed"] and report["header_stored_bytes"] == hlen < usize == report["header_json_bytes"]
     plain, plain_report, _ = roundtrip(ck, compress_header=False)
     assert struct.unpack_from("<IQI", plain, 12)[0] == 0 and struct.unpack_from("<I", plain, 28)[0] == 0
@@ -396,13 +396,13 @@ def test_compressed_header_round_trip_and_size():
     assert header_json(data) == header_json(plain)  # the same JSON, only stored differently
     assert len(data) < len(plain) and data[report["header_bytes"]:] == plain[plain_report["header_bytes"]:]
     info = dcz.inspect_bytes(data)
-    assert info["version"] == "1.1" and info["provenance_stages"][-1] == "stage5"
+    assert info["version"] == "1.2" and info["provenance_stages"][-1] == "stage5"
 
 
 def test_tiny_header_stays_uncompressed_when_zlib_does_not_help(monkeypatch):
     monkeypatch.setattr(dcz.zlib, "compress", lambda b, level=9: b + b"pad")
     data, report, _ = roundtrip(make_ckpt({"w": torch.ones(2)}))
-    assert struct.unpack_from("<I", data, 12)[0] == 0 and not report["header_compressed"]
+    assert struct.unpack_from("<I", data, 12)[0] & 1 == 0 and not report["header_compressed"]
 
 
 def test_header_bomb_is_capped_not_allocated(monkeypatch):

@@ -30,11 +30,13 @@ from dcomp.errors import FormatError
 from dcomp.formats import DCZ_MAGIC
 from dcomp.formats.checkpoint import Checkpoint
 
-MAJOR, MINOR = 1, 1
+MAJOR, MINOR = 1, 2
 PREAMBLE = 32
 MAX_HEADER = 1 << 27          # limit for the header as stored and, when compressed, as decompressed
 FLAG_ZHEADER = 1              # flags bit 0: the header is a zlib stream (format 1.1)
-KNOWN_FLAGS = FLAG_ZHEADER
+FLAG_STORED_DTYPE = 2         # flags bit 1: some record has "stored_dtype" (float32 kept as float16, format 1.2)
+KNOWN_FLAGS = FLAG_ZHEADER | FLAG_STORED_DTYPE
+STORED_DTYPES = {"float32": ("float16",)}   # declared dtype -> narrower dtypes a payload may be stored in
 ALIGN = 8
 DEFAULT_MAX_BYTES = 1 << 34   # refuse files that would decode to more than 16 GiB
 
@@ -60,6 +62,8 @@ class PackConfig(BaseModel):
     block: int = Field(hf.DEFAULT_BLOCK, description="symbols per Huffman block")
     verify: bool = Field(True, description="decode the packed bytes and compare bit for bit")
     compress_header: bool = Field(True, description="store the header JSON zlib-compressed when that is smaller")
+    fp16_exact: bool = Field(True, description="store float32 payloads (raw tensors, raw values, codebooks) as "
+                                               "float16 when every element converts back bit-identically")
 
     @field_validator("index_bits", "index_bits_fc", "index_bits_conv")
     @classmethod
@@ -102,6 +106,29 @@ def _from_bits(arr: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
     tdtype, size = DTYPES[dtype]
     arr = np.ascontiguousarray(arr, dtype=np.dtype(f"=i{size}"))
     return torch.from_numpy(arr).view(tdtype).reshape(shape)
+
+
+def _half_bits(u: np.ndarray) -> np.ndarray | None:
+    """float16 bits of float32 bits ``u`` (int32, little-endian) if every element survives
+    float32 -> float16 -> float32 bit for bit (-0.0, fp16 subnormals, +-inf, most NaNs do), else None."""
+    f = u.view("<f4")
+    with np.errstate(over="ignore", invalid="ignore"):
+        h = f.astype("<f2")
+    if not np.array_equal(h.astype("<f4").view("<i4"), u.view("<i4")):
+        return None
+    hb = h.view("<i2")
+    if (((hb & 0x7E00) == 0x7C00) & ((hb & 0x03FF) != 0)).any():
+        return None   # a signalling NaN: hardware converters may quiet it, so keep float32
+    return hb
+
+
+def _widen(raw, stored: str, dtype: str) -> np.ndarray:
+    """Element bits of ``dtype`` (native int array) from a little-endian section stored as ``stored``."""
+    size = DTYPES[dtype][1]
+    if stored == dtype:
+        return np.frombuffer(raw, dtype=f"<i{size}").astype(f"=i{size}")
+    # float16 -> float32 is exact for every value (NaN: sign kept, 10 payload bits shifted up by 13)
+    return np.frombuffer(raw, dtype="<f2").astype("<f4").view("<i4").astype(f"=i{size}")
 
 
 def _numel(shape) -> int:
@@ -147,6 +174,7 @@ def gap_positions(syms: np.ndarray, numel: int, k: int) -> np.ndarray:
 class _Sections:
     def __init__(self):
         self.parts: list[bytes] = []
+        self.narrowed = False    # some record got "stored_dtype" (sets flags bit 1)
 
     def add(self, data: bytes) -> int:
         self.parts.append(bytes(data))
@@ -181,12 +209,17 @@ def _quant_ok(q: dict, t: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int] | 
     return _bits(cb), af, bits
 
 
-def _raw_quant(sec: _Sections, name: str, q: dict) -> dict:
+def _raw_quant(sec: _Sections, name: str, q: dict, fp16: bool = False) -> dict:
     out: dict[str, Any] = {}
     for key, v in q.items():
         if key in ("codebook", "assignments") and isinstance(v, torch.Tensor):
-            out[key] = {"section": sec.add(_bits(v).tobytes()), "dtype": _dtype_name(v, f"quant {name} {key}"),
-                        "shape": list(v.shape)}
+            b = _bits(v)
+            h = _half_bits(b) if fp16 and key == "codebook" and v.dtype == torch.float32 else None
+            out[key] = {"section": sec.add((b if h is None else h).tobytes()),
+                        "dtype": _dtype_name(v, f"quant {name} {key}"), "shape": list(v.shape)}
+            if h is not None:
+                out[key]["stored_dtype"] = "float16"
+                sec.narrowed = True
         elif key == "bits":
             out[key] = v
     extra = {k: v for k, v in q.items() if k not in ("bits", "codebook", "assignments")}
@@ -218,9 +251,15 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
     raw_q_cost = 0
     if q is not None:
         raw_q_cost = sum(v.numel() * v.element_size() for v in q.values() if isinstance(v, torch.Tensor))
+    # float32 payloads that are exactly float16 are stored in 2 bytes (docs/FORMAT.md, "stored_dtype")
+    fp16 = cfg.fp16_exact and dt == "float32"
+    h = _half_bits(u) if fp16 else None
+    vsize = size if h is None else 2
+    cbh = _half_bits(qinfo[0]) if fp16 and qinfo is not None else None
+    cb_nbytes = (qinfo[0] if cbh is None else cbh).nbytes if qinfo is not None else 0
 
     # candidate: raw
-    best = ("raw", numel * size + bitmap_cost + raw_q_cost, None)
+    best = ("raw", numel * vsize + bitmap_cost + raw_q_cost, None)
     if dt in FLOATS and numel > 0:
         # candidate: sparse over the support (the mask, else the non-zero bits)
         if mflat is not None and not u[~mflat].any():
@@ -240,11 +279,11 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
             if (cbb[sa] == u[pos]).all():
                 vplan = hf.plan_stream(np.bincount(sa, minlength=1 << qbits), 1 << qbits, cfg.block, cfg.huffman)
                 fill_ok = outside.size == 0 or (outside == outside[0]).all()
-                cost = gplan.nbytes + vplan.nbytes + cbb.nbytes + side + (0 if fill_ok else af.size * q["assignments"].element_size())
+                cost = gplan.nbytes + vplan.nbytes + cb_nbytes + side + (0 if fill_ok else af.size * q["assignments"].element_size())
                 if cost < best[1]:
                     best = ("sparse-cb", cost, (pos, gaps, gplan, k, support_is_mask, sa, vplan, fill_ok, outside))
         if vplan is None or best[0] != "sparse-cb":
-            cost = gplan.nbytes + len(pos) * size + side + raw_q_cost
+            cost = gplan.nbytes + len(pos) * vsize + side + raw_q_cost
             if cost < best[1]:
                 best = ("sparse-raw", cost, (pos, gaps, gplan, k, support_is_mask))
         # candidate: dense codebook (quantized, every element listed)
@@ -253,7 +292,7 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
             if (cbb[af] == u).all():
                 allmask = mflat is not None and bool(mflat.all())
                 dplan = hf.plan_stream(np.bincount(af, minlength=1 << qbits), 1 << qbits, cfg.block, cfg.huffman)
-                cost = dplan.nbytes + cbb.nbytes + (0 if allmask else bitmap_cost)
+                cost = dplan.nbytes + cb_nbytes + (0 if allmask else bitmap_cost)
                 if cost < best[1]:
                     best = ("codebook", cost, (dplan, allmask))
 
@@ -261,33 +300,47 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
     rec: dict[str, Any] = {"name": name, "dtype": dt, "shape": shape}
     mrec: dict | None = None
     qrec: dict | None = None
+    narrow = {"stored_dtype": "float16"}
     if kind == "raw":
-        rec.update(encoding="raw", section=sec.add(u.tobytes()))
+        rec.update(encoding="raw", section=sec.add((u if h is None else h).tobytes()))
+        if h is not None:
+            rec.update(narrow)
+            sec.narrowed = True
     elif kind in ("sparse-raw", "sparse-cb"):
         pos, gaps, gplan, k, support_is_mask = info[:5]
         rec.update(encoding="sparse", index_bits=k, nnz=int(len(pos)), gaps=_stream(sec, gaps, 1 << k, cfg, gplan))
         if kind == "sparse-raw":
-            rec["values"] = {"kind": "raw", "section": sec.add(u[pos].tobytes())}
+            rec["values"] = {"kind": "raw", "section": sec.add((u if h is None else h)[pos].tobytes())}
+            if h is not None:
+                rec["values"].update(narrow)
+                sec.narrowed = True
         else:
             sa, vplan, fill_ok, outside = info[5:]
             cbb, af, qbits = qinfo
-            rec["values"] = {"kind": "codebook", "bits": qbits, "codebook": sec.add(cbb.tobytes()),
+            rec["values"] = {"kind": "codebook", "bits": qbits, "codebook": sec.add((cbb if cbh is None else cbh).tobytes()),
                              "indices": _stream(sec, sa, 1 << qbits, cfg, vplan)}
+            if cbh is not None:
+                rec["values"].update(narrow)
+                sec.narrowed = True
             qrec = _shared_quant(sec, name, q, fill_ok, int(outside[0]) if fill_ok and outside.size else 0)
         if support_is_mask:
             mrec = {"encoding": "support"}
     else:
         dplan, allmask = info
         cbb, af, qbits = qinfo
-        rec.update(encoding="codebook", values={"kind": "codebook", "bits": qbits, "codebook": sec.add(cbb.tobytes()),
+        rec.update(encoding="codebook", values={"kind": "codebook", "bits": qbits,
+                                                  "codebook": sec.add((cbb if cbh is None else cbh).tobytes()),
                                                   "indices": _stream(sec, af, 1 << qbits, cfg, dplan)})
+        if cbh is not None:
+            rec["values"].update(narrow)
+            sec.narrowed = True
         qrec = _shared_quant(sec, name, q, True, 0)
         if allmask:
             mrec = {"encoding": "support"}
     if mask is not None and mrec is None:
         mrec = _bitmap(sec, mask, name)
     if q is not None and qrec is None:
-        qrec = _raw_quant(sec, name, q)
+        qrec = _raw_quant(sec, name, q, cfg.fp16_exact)
     return rec, mrec, qrec
 
 
@@ -331,7 +384,7 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
             masks[name] = _bitmap(sec, m, name)
     for name, q in ckpt.quant.items():
         if name not in quant:
-            quant[name] = _raw_quant(sec, name, q)
+            quant[name] = _raw_quant(sec, name, q, cfg.fp16_exact)
     arch = dict(ckpt.arch)
     for key, v in list(arch.items()):
         if isinstance(v, torch.Tensor):
@@ -349,11 +402,12 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
         header["sections"].append([offset, offset + len(part), zlib.crc32(part)])
         offset = _align(offset + len(part))
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    stored, flags, usize = hjson, 0, 0
+    stored, usize = hjson, 0
+    flags = FLAG_STORED_DTYPE if sec.narrowed else 0
     if cfg.compress_header:
         z = zlib.compress(hjson, 9)
         if len(z) < len(hjson):
-            stored, flags, usize = z, FLAG_ZHEADER, len(hjson)
+            stored, flags, usize = z, flags | FLAG_ZHEADER, len(hjson)
     pre = DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, MINOR, flags, len(stored), zlib.crc32(stored), usize)
     out = bytearray(pre + stored)
     out += b"\0" * (_align(len(out)) - len(out))
@@ -417,13 +471,14 @@ def _verify(ckpt: Checkpoint, back: Checkpoint) -> None:
 
 class _Header:
     def __init__(self, h: dict, data_start: int, sections: list[tuple[int, int, int]],
-                 stored: int = 0, json_bytes: int = 0, compressed: bool = False):
+                 stored: int = 0, json_bytes: int = 0, compressed: bool = False, flags: int = 0):
         self.h = h
         self.d = data_start
         self.sections = sections
         self.stored = stored            # header bytes as stored in the file
         self.json_bytes = json_bytes    # header JSON bytes (after decompression)
         self.compressed = compressed
+        self.flags = flags
 
 
 def _fail(source: str, msg: str) -> FormatError:
@@ -484,7 +539,7 @@ def read_header(data: bytes, source: str = "input") -> _Header:
     end = d + (h["sections"][-1][1] if secs else 0)
     if end != n:
         raise _fail(source, f"section table: file is {n} bytes but the sections end at {end} (truncated or trailing bytes)")
-    return _Header(h, d, secs, stored=hlen, json_bytes=len(raw), compressed=compressed)
+    return _Header(h, d, secs, stored=hlen, json_bytes=len(raw), compressed=compressed, flags=flags)
 
 
 def _inflate_header(raw: bytes, usize: int, source: str) -> bytes:
@@ -542,6 +597,21 @@ class _Reader:
         self.data, self.hdr, self.source, self.max_bytes = data, hdr, source, max_bytes
         self.total = 0
         self.used: dict[int, str] = {}
+        self.narrowed = 0       # records with "stored_dtype"
+
+    def stored(self, rec: dict, dt: str, what: str) -> str:
+        """The dtype a payload is stored in: ``dt``, or a valid "stored_dtype" of the record."""
+        if "stored_dtype" not in rec:
+            return dt
+        sd = rec["stored_dtype"]
+        if not isinstance(sd, str) or sd not in STORED_DTYPES.get(dt, ()):
+            allowed = ", ".join(f"{n} for {d}" for d, ns in STORED_DTYPES.items() for n in ns)
+            raise self.fail(what, f"unknown stored_dtype {sd!r} for a {dt} payload (allowed: {allowed}); "
+                                  "corrupt file or newer writer")
+        if not self.hdr.flags & FLAG_STORED_DTYPE:
+            raise self.fail(what, "has stored_dtype but flags bit 1 is clear (corrupt file)")
+        self.narrowed += 1
+        return sd
 
     def fail(self, what: str, msg: str) -> FormatError:
         return _fail(self.source, f"{what}: {msg}")
@@ -576,16 +646,15 @@ class _Reader:
         self.section(rec.get("section"), what, hf.stream_size(rec))
         return rec
 
-    def codebook_section(self, v: dict, dt: str, what: str) -> int:
+    def codebook_section(self, v: dict, dt: str, what: str, size: int) -> int:
         bits = v.get("bits")
         if not _is_int(bits) or not 1 <= bits <= 16:
             raise self.fail(what, "codebook bits must be 1..16")
         ref = self.section(v.get("codebook"), what + " codebook")
         b, e, _ = self.hdr.sections[ref]
-        size = DTYPES[dt][1]
         k, r = divmod(e - b, size)
         if r or not 1 <= k <= (1 << bits):
-            raise self.fail(what, f"codebook section holds {e - b} bytes, not 1..{1 << bits} {dt} values")
+            raise self.fail(what, f"codebook section holds {e - b} bytes, not 1..{1 << bits} {v.get('stored_dtype', dt)} values")
         return k
 
     def tensor(self, t: dict) -> None:
@@ -594,8 +663,10 @@ class _Reader:
         numel = _numel(shape)
         size = DTYPES[dt][1]
         if enc == "raw":
-            self.section(t.get("section"), what, numel * size)
+            self.section(t.get("section"), what, numel * DTYPES[self.stored(t, dt, what)][1])
         else:
+            if "stored_dtype" in t:
+                raise self.fail(what, f"stored_dtype belongs in the values record of a {enc} tensor")
             if dt not in FLOATS:
                 raise self.fail(what, f"encoding {enc} needs a floating dtype, not {dt}")
             v = t.get("values")
@@ -614,10 +685,11 @@ class _Reader:
                 if v.get("kind") != "codebook":
                     raise self.fail(what, "encoding codebook needs codebook values")
                 nnz = numel
+            vsize = DTYPES[self.stored(v, dt, what)][1]
             if v["kind"] == "raw":
-                self.section(v.get("section"), what + " values", nnz * size)
+                self.section(v.get("section"), what + " values", nnz * vsize)
             else:
-                self.codebook_section(v, dt, what)
+                self.codebook_section(v, dt, what, vsize)
                 s = self.stream(v.get("indices"), what + " indices")
                 if s["alphabet"] != 1 << v["bits"] or s["count"] != nnz:
                     raise self.fail(what, f"index stream holds {s['count']} symbols over {s['alphabet']}, expected {nnz} over {1 << v['bits']}")
@@ -627,8 +699,9 @@ class _Reader:
         if not isinstance(r, dict) or r.get("dtype") not in DTYPES or not isinstance(r.get("shape"), list) \
                 or not all(_is_int(s) for s in r["shape"]):
             raise self.fail(what, "raw tensor record needs section, dtype and shape")
-        n = _numel(r["shape"]) * DTYPES[r["dtype"]][1]
-        self.section(r.get("section"), what, n)
+        numel = _numel(r["shape"])
+        self.section(r.get("section"), what, numel * DTYPES[self.stored(r, r["dtype"], what)][1])
+        n = numel * DTYPES[r["dtype"]][1]
         self.claim(what, n)
         return n
 
@@ -662,6 +735,8 @@ def _check_claims(data: bytes, hdr: _Header, source: str, max_bytes: int) -> _Re
         for key in ("codebook", "assignments"):
             r = q[key]
             if r.get("from") == "values":
+                if "stored_dtype" in r:
+                    raise rd.fail(what, f"{key} comes from the tensor's values and cannot have a stored_dtype")
                 if not shared:
                     raise rd.fail(what, f"{key} comes from the tensor's values, but tensor {name} has no codebook")
                 if key == "assignments":
@@ -675,6 +750,8 @@ def _check_claims(data: bytes, hdr: _Header, source: str, max_bytes: int) -> _Re
     arch = h["arch"]
     if isinstance(arch.get("archive"), dict):
         rd.raw_ref(arch["archive"], "arch archive")
+    if hdr.flags & FLAG_STORED_DTYPE and not rd.narrowed:
+        raise rd.fail("header", "flags bit 1 (stored_dtype) is set but no record has a stored_dtype (corrupt file)")
     return rd
 
 
@@ -717,7 +794,7 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
         numel = _numel(shape)
         what = f"tensor {name}"
         if t["encoding"] == "raw":
-            arr = np.frombuffer(rd.sec_bytes(t["section"]), dtype=f"<i{size}").copy()
+            arr = _widen(rd.sec_bytes(t["section"]), t.get("stored_dtype", dt), dt)
             if dt == "bool" and arr.size and (arr.view(np.uint8) > 1).any():
                 raise rd.fail(what, "bool bytes other than 0 and 1")
             state_dict[name] = _from_bits(arr, dt, shape)
@@ -736,9 +813,9 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
             pos = None
         v = t["values"]
         if v["kind"] == "raw":
-            vals = np.frombuffer(rd.sec_bytes(v["section"]), dtype=f"<i{size}")
+            vals = _widen(rd.sec_bytes(v["section"]), v.get("stored_dtype", dt), dt)
         else:
-            cb = np.frombuffer(rd.sec_bytes(v["codebook"]), dtype=f"<i{size}")
+            cb = _widen(rd.sec_bytes(v["codebook"]), v.get("stored_dtype", dt), dt)
             idx = next(it)
             if idx.size and int(idx.max()) >= len(cb):
                 raise rd.fail(what, f"codebook index {int(idx.max())} out of range for {len(cb)} entries")
@@ -780,9 +857,8 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
         for key in ("codebook", "assignments"):
             r = q[key]
             if r.get("from") == "values":
-                size = DTYPES[t["dtype"]][1]
                 if key == "codebook":
-                    cb = np.frombuffer(rd.sec_bytes(t["values"]["codebook"]), dtype=f"<i{size}").copy()
+                    cb = _widen(rd.sec_bytes(t["values"]["codebook"]), t["values"].get("stored_dtype", t["dtype"]), t["dtype"])
                     entry[key] = _from_bits(cb, t["dtype"], [len(cb)])
                 else:
                     tdtype = DTYPES[r["dtype"]][0]
@@ -797,7 +873,7 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
                         a = indices[name].astype(npdtype)
                     entry[key] = torch.from_numpy(a).reshape(t["shape"])
             else:
-                arr = np.frombuffer(rd.sec_bytes(r["section"]), dtype=f"<i{DTYPES[r['dtype']][1]}").copy()
+                arr = _widen(rd.sec_bytes(r["section"]), r.get("stored_dtype", r["dtype"]), r["dtype"])
                 entry[key] = _from_bits(arr, r["dtype"], r["shape"])
         if isinstance(q.get("extra"), dict):
             entry.update(q["extra"])
@@ -805,7 +881,7 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
     arch = dict(h["arch"])
     if isinstance(arch.get("archive"), dict):
         r = arch["archive"]
-        arr = np.frombuffer(rd.sec_bytes(r["section"]), dtype=f"<i{DTYPES[r['dtype']][1]}").copy()
+        arr = _widen(rd.sec_bytes(r["section"]), r.get("stored_dtype", r["dtype"]), r["dtype"])
         arch["archive"] = _from_bits(arr, r["dtype"], r["shape"])
     return Checkpoint(arch=arch, state_dict=state_dict, input_shape=list(h["input_shape"]),
                       num_classes=int(h["num_classes"]), masks=masks, quant=quant, data=h["data"],
@@ -869,7 +945,7 @@ def _assemble_fused(t, gsyms, idx, rd, h, state_dict, fused_masks, fused_assign)
     name, dt, shape = t["name"], t["dtype"], t["shape"]
     size = DTYPES[dt][1]
     numel = _numel(shape)
-    cb = np.frombuffer(rd.sec_bytes(t["values"]["codebook"]), dtype=f"<i{size}").astype(f"=i{size}")
+    cb = _widen(rd.sec_bytes(t["values"]["codebook"]), t["values"].get("stored_dtype", dt), dt)
     out = np.zeros(numel, dtype=f"=i{size}")
     want_mask = h["masks"].get(name, {}).get("encoding") == "support"
     mask = np.zeros(numel if want_mask else 0, dtype=bool)
@@ -929,6 +1005,8 @@ def inspect_bytes(data: bytes, source: str = "input") -> dict:
         gaps = vals = None
         bits = None
         nnz = None
+        stored = t.get("stored_dtype", t["dtype"]) if t["encoding"] == "raw" \
+            else t["values"].get("stored_dtype", t["dtype"])
         if t["encoding"] == "raw":
             parts["values"] = slen(t["section"])
         else:
@@ -955,7 +1033,8 @@ def inspect_bytes(data: bytes, source: str = "input") -> dict:
                 if "section" in q[key]:
                     parts["other"] += slen(q[key]["section"])
         total = sum(parts.values())
-        rows.append({"name": t["name"], "shape": t["shape"], "dtype": t["dtype"], "encoding": t["encoding"],
+        rows.append({"name": t["name"], "shape": t["shape"], "dtype": t["dtype"], "stored_dtype": stored,
+                     "encoding": t["encoding"],
                      "numel": numel, "nnz": nnz, "density": (nnz / numel) if nnz is not None and numel else None,
                      "bits": bits, "index_bits": t.get("index_bits"), "bytes": parts, "total_bytes": total,
                      "ratio": (numel * 4 / total) if total else None, "gaps": gaps, "indices": vals})
