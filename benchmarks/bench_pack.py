@@ -15,6 +15,12 @@ Compression's 40x for LeNet-300-100 on MNIST (Han et al. 2016, Table 1). Each fi
 with an uncompressed header (format 1.0 layout, `PackConfig(compress_header=False)`) in the same
 process, so the header's share and the effect of zlib-compressing it are measured side by side.
 
+Part 2b: float16-exact payloads (format 1.2). The 90%/5-bit checkpoint of part 2 (and the recipe
+output of part 3) with its biases and codebooks rounded to the nearest float16 here
+(`t.half().float()`, the weights re-derived from the rounded codebook), packed with and without
+`PackConfig(fp16_exact=...)`, next to the unrounded checkpoint; top-1 is measured before and after
+the rounding.
+
 Part 3 (skip with --no-recipe): `make demo`'s pipeline, `dcomp train` (20 epochs) and
 `dcomp run configs/deep-compression.yaml` on LeNet-300-100 with the 8x8 digits as they are (50,610
 parameters; its provenance holds every stage's parameters and metrics), run as subprocesses in a
@@ -164,7 +170,7 @@ def lenet(sparsity: float, bits: int, epochs: int) -> dict:
     buf = io.BytesIO()
     torch.save(q.state_dict, buf)
     head = report["header_bytes"]
-    return {"sparsity": sparsity, "bits": bits, "params": params, "nnz": nnz, "dense": params * 4,
+    return {"ckpt": q, "ds": ds, "sparsity": sparsity, "bits": bits, "params": params, "nnz": nnz, "dense": params * 4,
             "file": len(data), "ratio": params * 4 / len(data), "ratio_no_header": params * 4 / (len(data) - head),
             "header": head, "plain_file": len(plain), "plain_header": plain_report["header_bytes"],
             "header_json": report["header_json_bytes"], "top_dense": top_dense, "top_q": top_q, "top_back": top_back, "report": report}
@@ -201,6 +207,54 @@ def size(epochs: int) -> list[str]:
     for r in results:
         rows.append(header_row(f"{int(r['sparsity'] * 100)}% pruned, {r['bits']}-bit", r["header_json"], r["plain_header"],
                                r["header"], r["plain_file"], r["file"], r["dense"]))
+    rows += ["", "Float16-exact biases and codebooks (format 1.2), 90% / 5-bit:", ""]
+    rows += fp16_rows("LeNet-300-100 (28x28), 90%/5-bit", detail["ckpt"], detail["ds"])
+    return rows
+
+
+def round_fp16(ck: Checkpoint) -> Checkpoint:
+    """Biases and codebooks rounded to float16 values (kept float32); weights re-derived from the codebook."""
+    out = ck.copy() if hasattr(ck, "copy") else Checkpoint.from_bytes(ck.to_bytes())
+    sd = dict(out.state_dict)
+    quant = {k: dict(v) for k, v in out.quant.items()}
+    for name, t in ck.state_dict.items():
+        if name in ck.quant:
+            q = quant[name]
+            cb = q["codebook"].half().float()
+            q["codebook"] = cb
+            mask = ck.masks[name] if name in ck.masks else t != 0
+            sd[name] = torch.where(mask, cb[q["assignments"].long()], torch.zeros((), dtype=t.dtype))
+        elif t.is_floating_point() and t.dtype == torch.float32:
+            sd[name] = t.half().float()
+    out.state_dict, out.quant = sd, quant
+    return out
+
+
+def fp16_rows(label: str, ck: Checkpoint, ds=None) -> list[str]:
+    """Bytes and ratio: unrounded vs rounded-to-float16 biases/codebooks, packed with and without fp16_exact."""
+    rounded = round_fp16(ck)
+    cases = [("not rounded", ck, dcz.PackConfig()),
+             ("rounded, fp16_exact=False (1.1 behaviour: float32)", rounded, dcz.PackConfig(fp16_exact=False)),
+             ("rounded, fp16_exact=True (default: stored float16)", rounded, dcz.PackConfig())]
+    rows = [f"| {label} | .dcz | ratio | biases | codebooks | weights w/o codebooks | header | top-1 | stored float16 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    acc = {}
+    if ds is not None:
+        from dcomp.retrain import accuracy
+        acc = {id(ck): accuracy(ck, ds), id(rounded): accuracy(rounded, ds)}
+    for name, c, cfg in cases:
+        data, rep = dcz.pack(c, cfg)
+        back = dcz.read_bytes(data)
+        assert all(torch.equal(back.state_dict[k].view(torch.int32), v.view(torch.int32))
+                   for k, v in c.state_dict.items() if v.dtype == torch.float32)
+        layers = rep["layers"]
+        biases = sum(r["total_bytes"] for r in layers if r["name"].endswith(".bias"))
+        cbs = sum(r["bytes"]["codebook"] for r in layers)
+        weights = sum(r["total_bytes"] for r in layers if not r["name"].endswith(".bias")) - cbs
+        half = sum(r["stored_dtype"] == "float16" for r in layers)
+        top = f"{acc[id(c)]:.2f}%" if acc else ""
+        rows.append(f"| {name} | {len(data):,} B | **{rep['ratio']:.1f}x** | {biases:,} B | {cbs:,} B | {weights:,} B | "
+                    f"{rep['header_bytes']:,} B | {top} | {half} of {len(layers)} tensors |")
     return rows
 
 
@@ -223,6 +277,8 @@ def recipe(epochs: int = 20) -> list[str]:
         took = time.perf_counter() - t
         with open(out, "rb") as f:
             ck = dcz.read_bytes(f.read(), source="model.dcz")
+    from dcomp.data import load_dataset
+    half = fp16_rows("recipe output (8x8 digits)", ck, load_dataset("digits"))
     after, rep_after = dcz.pack(ck)
     before, rep_before = dcz.pack(ck, dcz.PackConfig(compress_header=False))
     dense = rep_after["dense_float32_bytes"]
@@ -240,7 +296,8 @@ def recipe(epochs: int = 20) -> list[str]:
                        rep_after["header_bytes"], len(before), len(after), dense),
             "", f"After: weights (indices, codebook indices, codebooks, tables) {weights:,} B, biases (raw float32) "
             f"{biases:,} B, header {rep_after['header_bytes']:,} B. Ratio if the header were free: "
-            f"{dense / (len(after) - rep_after['header_bytes']):.1f}x."]
+            f"{dense / (len(after) - rep_after['header_bytes']):.1f}x.", "",
+            "Float16-exact biases and codebooks (format 1.2) on the recipe output:", "", *half]
 
 
 def main() -> None:
