@@ -111,6 +111,8 @@ def _from_bits(arr: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
 def _half_bits(u: np.ndarray) -> np.ndarray | None:
     """float16 bits of float32 bits ``u`` (int32, little-endian) if every element survives
     float32 -> float16 -> float32 bit for bit (-0.0, fp16 subnormals, +-inf, most NaNs do), else None."""
+    if u.size == 0:
+        return None   # nothing to save
     f = u.view("<f4")
     with np.errstate(over="ignore", invalid="ignore"):
         h = f.astype("<f2")
