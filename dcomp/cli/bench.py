@@ -20,7 +20,7 @@ def bench(
                                                                        "the reference for speed")] = None,
     batch: Annotated[str, typer.Option("--batch", help="batch sizes, comma separated")] = "1,8,64",
     variants: Annotated[str, typer.Option("--variants", help="any of dense,shrunk,sparse,hybrid")] = "dense,shrunk,sparse,hybrid",
-    kernel: Annotated[str, typer.Option("--kernel", help="sparse kernel of the hybrid path: numba (CSR, dynamic threads) or torch (CSR)")] = "numba",
+    kernel: Annotated[str, typer.Option("--kernel", help="sparse kernel of the hybrid path: torch (CSR; fastest on an idle machine) or numba (CSR, dynamic row chunks; steadier when cores are contended)")] = "torch",
     min_sparsity: Annotated[float, typer.Option("--min-sparsity", help="hybrid: run a Linear layer sparse from this fraction of zeros")] = 0.5,
     warmup: Annotated[int, typer.Option("--warmup", help="untimed calls per target and batch size")] = 10,
     iters: Annotated[int, typer.Option("--iters", help="timed calls per target and batch size (at most)")] = 100,

@@ -46,7 +46,7 @@ class BenchConfig(BaseModel):
     warmup: int = 10
     iters: int = 100
     seconds: float = 2.0
-    kernel: Literal["torch", "numba"] = "numba"
+    kernel: Literal["torch", "numba"] = "torch"
     min_sparsity: float = 0.5
     eager: bool = True
     sweep: bool = True

@@ -178,7 +178,7 @@ def row_chunks(rowptr: np.ndarray, n: int) -> list[tuple[int, int]]:
 class SparseLinear:
     """``y = x @ W.T + b`` with W (out, in) held in CSR; x is a float32 array (..., in)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "numba", name: str = "",
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "torch", name: str = "",
                  threads: int | None = None):
         if kernel not in KERNELS:
             raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
@@ -338,7 +338,7 @@ class HybridRunner:
 
     kind = "hybrid"
 
-    def __init__(self, model: nn.Module, input_shape, threads: int, kernel: str = "numba",
+    def __init__(self, model: nn.Module, input_shape, threads: int, kernel: str = "torch",
                  min_sparsity: float = 0.5, name: str = "hybrid", plan: Plan | None = None):
         from dcomp.formats.onnx_export import export_module
         from dcomp.runtime.runner import ort_session
@@ -435,7 +435,7 @@ def interleaved_median(fns: dict[str, Any], seconds: float = 0.5, min_reps: int 
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def sweep(shape: tuple[int, int], sparsities, batches, threads: int, kernel: str = "numba",
+def sweep(shape: tuple[int, int], sparsities, batches, threads: int, kernel: str = "torch",
           seconds: float = 0.3, seed: int = 0) -> list[dict]:
     """Dense onnxruntime Gemm vs the sparse kernel on one layer shape (out, in), per sparsity and
     batch size. Rows: sparsity, batch, dense_s, sparse_s, speedup (dense time / sparse time)."""
