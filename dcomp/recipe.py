@@ -548,7 +548,10 @@ def _run_bench(ckpt, s, ctx, state):
 
 
 def bench_headline(summary: dict[str, Any]) -> str:
-    """'hybrid 1.9x, dense 1.0x vs baseline at batch 1': p50 speed of each model target vs the reference."""
+    """'hybrid 1.90x faster; sparse same (1.01x) vs baseline dense, batch 1': p50 speed of each
+    model target against the reference."""
+    from dcomp.runtime.sparse import speed_words
+
     parts = []
     batch = min(summary.get("batches") or [1])
     for t in summary.get("targets", []):
@@ -556,8 +559,8 @@ def bench_headline(summary: dict[str, Any]) -> str:
             continue
         for r in t.get("results", []):
             if r.get("batch") == batch and r.get("vs_reference"):
-                parts.append(f"{t['name']} {r['vs_reference']:.3g}x")
-    return f"{', '.join(parts)} vs {summary.get('reference')} at batch {batch}" if parts else ""
+                parts.append(f"{t['name']} {speed_words(r['vs_reference'])}")
+    return f"{'; '.join(parts)} (vs {summary.get('reference')}, batch {batch})" if parts else ""
 
 
 RUNNERS: dict[str, StageRunner] = {

@@ -26,6 +26,8 @@ Whether this is faster than dense onnxruntime depends on sparsity, layer shape a
 
 from __future__ import annotations
 
+import warnings
+
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,7 +192,9 @@ class SparseLinear:
         self.sparsity = 1.0 - self.nnz / max(w.numel(), 1)
         b = torch.zeros(self.out_features) if bias is None else bias.detach().to(torch.float32).contiguous()
         self.bias_t = b
-        csr = w.to_sparse_csr()
+        with warnings.catch_warnings():  # torch calls its CSR support "beta" on every conversion
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = w.to_sparse_csr()
         if kernel == "torch":
             self.csr = csr
         else:
