@@ -222,4 +222,6 @@ def train_config(**values):
 def pydantic_message(e) -> str:
     err = e.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "value"
-    return f"--{where.replace('_', '-')}: {err['msg']} (got {err.get('input')!r})"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    got = "" if "got" in msg else f" (got {err.get('input')!r})"
+    return f"--{where.replace('_', '-')}: {msg}{got}"

@@ -38,7 +38,8 @@ def _config(cls, values: dict, flags: dict[str, str]):
         field = str(err["loc"][0]) if err["loc"] else ""
         msg = err["msg"].removeprefix("Value error, ")
         if field in flags:
-            raise UsageError(f"{flags[field]}: {msg} (got {err.get('input')!r})") from None
+            got = "" if "got" in msg else f" (got {err.get('input')!r})"
+            raise UsageError(f"{flags[field]}: {msg}{got}") from None
         raise UsageError(msg) from None
 
 
