@@ -36,6 +36,15 @@ from dcomp.data import Dataset
 from dcomp.errors import DcompError
 
 
+_DEVICE = torch.device("cpu")
+
+
+def use_device(name: str) -> None:
+    """Where ``fit`` and ``evaluate`` compute (the global --device). Checkpoints stay on the CPU."""
+    global _DEVICE
+    _DEVICE = torch.device(name)
+
+
 class TrainConfig(BaseModel):
     """Options of every command that trains (train, retrain, fine-tuning stages)."""
 
@@ -134,8 +143,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     was_training = model.training
     model.eval()
     n, correct1, correct5, loss_sum, classes = len(x), 0, 0, 0.0, 0
+    dev = next(iter(model.parameters()), torch.empty(0)).device
     for i in range(0, n, batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
         out = model(xb)
         classes = int(out.shape[1])
         loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
@@ -190,7 +200,11 @@ def fit(
     ``trainable`` restricts the optimizer to these parameters (default: all).
     """
     rank, world = dist_info()
-    masks = {k: v.bool() for k, v in (masks or {}).items()}
+    dev = _DEVICE
+    if world > 1 and dev.type != "cpu":
+        raise DcompError("multi-process training runs on the CPU (gloo backend): use --device cpu with torchrun")
+    model.to(dev)
+    masks = {k: v.bool().to(dev) for k, v in (masks or {}).items()}
     params = dict(model.named_parameters())
     missing = [k for k in masks if k not in params]
     if missing:
@@ -235,7 +249,7 @@ def fit(
         loss_sum, correct, seen = 0.0, 0, 0
         for i in range(0, len(mine), cfg.batch_size):
             idx = mine[i:i + cfg.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
+            xb, yb = x_train[idx].to(dev), y_train[idx].to(dev)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * _lr_factor(cfg, ctx.step, total)
             for cb in all_callbacks:
@@ -286,4 +300,6 @@ def fit(
         identical = len(set(sums)) == 1
         if not identical:
             raise DcompError(f"masks diverged across ranks (checksums {sums}); this is a bug, please report it")
-    return TrainResult(history=history, best_epoch=best_epoch, masks=ctx.masks, masks_identical=identical)
+    model.to("cpu")
+    final_masks = {k: v.to("cpu") for k, v in ctx.masks.items()}
+    return TrainResult(history=history, best_epoch=best_epoch, masks=final_masks, masks_identical=identical)

@@ -142,6 +142,9 @@ def global_options(
     common.state = common.GlobalOptions(json=json_, quiet=quiet, debug=debug, seed=seed, threads=threads,
                                         device=resolved, trust_pickle=trust_pickle)
     common.threads_env()
+    from dcomp.train import use_device
+
+    use_device(resolved)
 
 
 def _register() -> None:
