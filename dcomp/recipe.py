@@ -362,10 +362,19 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def stage_keys(recipe: Recipe, input_sha: str) -> list[str]:
-    keys, h = [], input_sha + json.dumps(recipe.defaults.model_dump(mode="json"), sort_keys=True)
+def stage_keys(recipe: Recipe, input_sha: str, settings: dict[str, Any] | None = None) -> list[str]:
+    """One key per stage: a hash of the input model, the run's effective settings (data, resize,
+    seed, arch: what the command line may override), and every stage config up to this one,
+    including the contents of any teacher file a stage reads."""
+    base = {"defaults": recipe.defaults.model_dump(mode="json"), "settings": settings or {}}
+    keys, h = [], input_sha + json.dumps(base, sort_keys=True, default=str)
     for s in recipe.stages:
-        h = _sha((h + s.kind + json.dumps(s.params(), sort_keys=True)).encode())
+        extra = ""
+        distill = getattr(s.config, "distill", None)
+        teacher = getattr(distill, "teacher", None)
+        if teacher and teacher != "input" and Path(teacher).is_file():
+            extra = _sha(Path(teacher).read_bytes())
+        h = _sha((h + s.kind + json.dumps(s.params(), sort_keys=True) + extra).encode())
         keys.append(h)
     return keys
 
@@ -402,17 +411,18 @@ class RunState:
 
 def run_recipe(recipe: Recipe, model_bytes: bytes, source: str, workdir: Path, ctx: StageContext,
                load_model: Callable[[bytes, str], Checkpoint], on_stage: Callable[[Stage, bool], None] | None = None,
-               fresh: bool = False) -> tuple[RunState, list[RunRecord]]:
-    """Run (or resume) ``recipe`` on a model; returns the final state and one record per stage."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / "run.jsonl"
-    if fresh and log.exists():
-        log.unlink()
+               fresh: bool = False, settings: dict[str, Any] | None = None) -> tuple[RunState, list[RunRecord]]:
+    """Run (or resume) ``recipe`` on a model; returns the final state and one record per stage.
+    The work directory is created only once the input model has loaded and fits the recipe."""
     input_ckpt = load_model(model_bytes, source)
     problem = check_order(recipe, input_quantized=bool(input_ckpt.quant))
     if problem:
         raise RecipeError(f"{recipe.path}: stages.{problem[0]}: {problem[1]}")
-    keys = stage_keys(recipe, _sha(model_bytes))
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "run.jsonl"
+    if fresh and log.exists():
+        log.unlink()
+    keys = stage_keys(recipe, _sha(model_bytes), settings)
     done = _read_log(log)
     state = RunState(input_ckpt, model_bytes, input_ckpt)
     records: list[RunRecord] = []
@@ -524,15 +534,10 @@ def _run_eval(ckpt, s, ctx, state):
 
 
 def _run_pack(ckpt, s, ctx, state):
-    from dcomp.formats.dcz import pack
+    from dcomp.formats.dcz import apply_pack
 
-    data, report = pack(ckpt, s.config)
-    dense = 4 * ckpt.param_count()
-    metrics = {"bytes": len(data), "dense_float32_bytes": dense, "compression_ratio": dense / max(len(data), 1)}
-    totals = report.get("totals") if isinstance(report, dict) else None
-    if isinstance(totals, dict):
-        metrics["totals"] = totals
-    return None, data, metrics
+    r = apply_pack(ckpt, s.config, ctx)
+    return None, r.data, r.metrics
 
 
 def _run_bench(ckpt, s, ctx, state):

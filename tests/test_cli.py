@@ -127,3 +127,30 @@ def test_internal_errors_are_one_line_and_debug_shows_traceback(cli, tmp_path, m
     assert r.exit_code == 1 and "rerun with --debug" in _one_error_line(r)
     r = cli("zoo", "--debug")
     assert r.exit_code == 1 and "Traceback" in r.stderr
+
+
+def test_outputs_never_overwrite_files_the_command_reads(cli, tmp_path, lenet_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nstages:\n  - stage: prune\n    sparsity: 0.5\n")
+    before = recipe.read_bytes()
+    r = cli("run", recipe, "--model", lenet_path, "-o", recipe)
+    assert r.exit_code == 2 and "would overwrite" in r.stderr and recipe.read_bytes() == before
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(lenet_path.read_bytes())
+    r = cli("retrain", lenet_path, "--teacher", teacher, "--epochs", "1", "-o", teacher)
+    assert r.exit_code == 2 and "would overwrite" in r.stderr and teacher.read_bytes() == lenet_path.read_bytes()
+
+
+def test_output_files_get_the_usual_permissions(cli, tmp_path, lenet_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "o.pt"
+        assert cli("retrain", lenet_path, "--epochs", "1", "-o", out, "--quiet").exit_code == 0
+        assert (out.stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_factory_that_fails_is_a_usage_error(cli, tmp_path):
+    r = cli("train", "--arch", "os:getcwd", "-o", tmp_path / "x.pt")
+    assert r.exit_code == 2 and "not a torch nn.Module" in _one_error_line(r)

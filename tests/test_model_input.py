@@ -99,3 +99,18 @@ def test_arch_kwargs_parsing():
     assert parse_arch_kwargs("blocks=2,widths=[8,16,32]") == {"blocks": 2, "widths": [8, 16, 32]}
     with pytest.raises(UsageError):
         parse_arch_kwargs("novalue")
+
+
+def test_a_file_naming_a_function_as_architecture_is_not_called(tmp_path):
+    """A checkpoint is plain data, but its arch may name a factory: only nn.Module classes are
+    called from a file, or loading a file could run `os:system`."""
+    from dcomp.errors import DcompError
+    from dcomp.formats.checkpoint import Checkpoint, read_checkpoint
+
+    marker = tmp_path / "pwned"
+    ckpt = Checkpoint(arch={"kind": "import", "target": "os:system", "kwargs": {"command": f"touch {marker}"}},
+                      state_dict={}, input_shape=[1, 8, 8], num_classes=10)
+    back = read_checkpoint(ckpt.to_bytes())
+    with pytest.raises(DcompError, match="not an nn.Module class.*--trust-pickle"):
+        back.build_model()
+    assert not marker.exists()

@@ -172,3 +172,19 @@ def test_interrupted_run_keeps_finished_stages(tmp_path, cli, lenet_path):
 def test_schema_lists_stage_keys(cli):
     r = cli("recipe", "schema", "prune")
     assert r.exit_code == 0 and "sparsity" in json.loads(r.stdout)["schema"]["properties"]
+
+
+def test_command_line_settings_are_part_of_the_resume_key(tmp_path, cli, lenet_path):
+    """--seed or --data on the command line change what the stages compute: no stale resume."""
+    p = _write(tmp_path, "name: x\nstages:\n  - stage: prune\n    sparsity: 0.8\n  - stage: retrain\n    train: {epochs: 1}\n")
+    out = tmp_path / "o.pt"
+
+    def resumed(*extra):
+        r = cli("run", p, "--model", lenet_path, "-o", out, "--json", "--quiet", *extra)
+        assert r.exit_code == 0, r.output
+        return [s["resumed"] for s in json.loads(r.stdout)["stages"]]
+
+    assert resumed() == [False, False]
+    assert resumed("--seed", "1") == [False, False]
+    assert resumed("--seed", "1") == [True, True]
+    assert resumed("--seed", "1", "--data", "synthetic:300") == [False, False]

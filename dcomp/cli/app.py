@@ -122,6 +122,7 @@ def _version(value: bool):
 
 @app.callback()
 def global_options(
+    ctx: typer.Context,
     json_: Annotated[bool, typer.Option("--json", help="print a machine-readable JSON summary")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables on stderr")] = False,
     seed: Annotated[int, typer.Option("--seed", help="random seed (training, sampling, initialisation)")] = 0,
@@ -139,8 +140,10 @@ def global_options(
     if device == "cuda" and not torch.cuda.is_available():
         raise DcompError("--device cuda: no CUDA device is available here; use --device cpu")
     resolved = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    common.state = common.GlobalOptions(json=json_, quiet=quiet, debug=debug, seed=seed, threads=threads,
-                                        device=resolved, trust_pickle=trust_pickle)
+    seed_source = ctx.get_parameter_source("seed")
+    common.state = common.GlobalOptions(json=json_, quiet=quiet, debug=debug, seed=seed,
+                                        seed_given=seed_source is not None and seed_source.name != "DEFAULT",
+                                        threads=threads, device=resolved, trust_pickle=trust_pickle)
     common.threads_env()
     from dcomp.train import use_device
 

@@ -23,6 +23,7 @@ class GlobalOptions:
     quiet: bool = False
     debug: bool = False
     seed: int = 0
+    seed_given: bool = False    # --seed was on the command line (recipes otherwise use their own)
     threads: int | None = None
     device: str = "cpu"
     trust_pickle: bool = False
@@ -93,7 +94,10 @@ class Sink:
         return str(self.path)
 
 
-def plan_output(output: Optional[str], inp: Input | None = None, what: str = "checkpoint") -> Sink:
+def plan_output(output: Optional[str], inp: Input | None = None, what: str = "checkpoint",
+                reads: tuple[Optional[str], ...] = ()) -> Sink:
+    """Decide where output goes. ``reads``: other files the command reads (a recipe, a teacher),
+    which -o must not overwrite either."""
     if output == "-" or (output is None and not sys.stdout.isatty()):
         state.stdout_taken = True
         return Sink(None)
@@ -102,6 +106,9 @@ def plan_output(output: Optional[str], inp: Input | None = None, what: str = "ch
     p = Path(output)
     if inp is not None and inp.path is not None and p.exists() and p.resolve() == inp.path.resolve():
         raise UsageError(f"-o {output} would overwrite the input; choose another output path")
+    for other in reads:
+        if other and p.exists() and Path(other).exists() and p.resolve() == Path(other).resolve():
+            raise UsageError(f"-o {output} would overwrite {other}, which this command reads; choose another output path")
     if p.is_dir():
         raise UsageError(f"-o {output} is a directory; give a file name")
     if not p.parent.exists():

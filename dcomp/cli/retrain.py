@@ -141,7 +141,7 @@ def retrain(
     cfg = _config(RetrainConfig, parts, {})
 
     inp = common.read_input(model)
-    sink = common.plan_output(output, inp)
+    sink = common.plan_output(output, inp, reads=(teacher,))
     trust = common.state.trust_pickle
     teacher_ckpt = load_teacher(teacher, trust) if teacher is not None else None
     ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)

@@ -36,14 +36,17 @@ def run(
     inp = common.read_input(model)
     if output and output.endswith(".dcz") and not rec.packs:
         raise common.UsageError(f"-o {output}: the recipe has no 'pack' stage, so its result is a checkpoint, not a .dcz")
-    sink = common.plan_output(output, inp, "result")
+    sink = common.plan_output(output, inp, "result", reads=(recipe,))
     work = Path(workdir) if workdir else Path(f"{output}.work" if output and output != "-" else f"dcomp-run-{rec.name}")
     spec = data or rec.defaults.data
     size = resize if resize is not None else rec.defaults.resize
     ds = load_dataset(spec, size)
     con = common.console()
-    ctx = StageContext(data=ds, console=con, seed=rec.defaults.seed, trust_pickle=common.state.trust_pickle,
+    seed = common.state.seed if common.state.seed_given else rec.defaults.seed
+    ctx = StageContext(data=ds, console=con, seed=seed, trust_pickle=common.state.trust_pickle,
                        threads=common.state.threads)
+    # what the stages' results depend on beyond the recipe itself: part of every resume key
+    settings = {"data": spec, "resize": size, "seed": seed, "arch": arch, "arch_kwargs": arch_kwargs}
 
     def load(b: bytes, src: str):
         ckpt = common.load_checkpoint(common.Input(b, src, inp.path), arch, arch_kwargs, spec, size)
@@ -54,7 +57,7 @@ def run(
         what = "resumed (unchanged, output intact)" if resumed else "running"
         con.print(f"[bold]stage {s.index} {s.kind}[/] {what}" + (f" — {s.note}" if s.note and not resumed else ""))
 
-    state, records = run_recipe(rec, inp.data, inp.source, work, ctx, load, on_stage, fresh=fresh)
+    state, records = run_recipe(rec, inp.data, inp.source, work, ctx, load, on_stage, fresh=fresh, settings=settings)
 
     from dcomp.formats.checkpoint import read_checkpoint
 
@@ -101,7 +104,7 @@ def run(
 
 
 def _headline(m: dict) -> str:
-    keys = ("sparsity", "masked_sparsity", "top1_after", "top1", "compression_ratio", "bytes", "headline")
+    keys = ("sparsity", "masked_sparsity", "top1_after", "top1", "ratio", "file_bytes", "headline")
     parts = []
     for k in keys:
         if k in m and not isinstance(m[k], (dict, list)):

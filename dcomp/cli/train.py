@@ -31,7 +31,7 @@ def train(
     from dcomp.data import load_dataset
     from dcomp.formats.checkpoint import Checkpoint
     from dcomp.formats.model_input import parse_arch_kwargs
-    from dcomp.models import ZOO, build_zoo, import_factory
+    from dcomp.models import ZOO, build_from_factory, build_zoo
     from dcomp.train import evaluate, fit
 
     cfg = common.train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
@@ -44,7 +44,7 @@ def train(
         model = build_zoo(arch, ds.input_shape, ds.num_classes, **kwargs)
         arch_d = {"kind": "zoo", "name": arch, "kwargs": kwargs}
     elif ":" in arch:
-        model = import_factory(arch)(**kwargs)
+        model = build_from_factory(arch, kwargs)
         arch_d = {"kind": "import", "target": arch, "kwargs": kwargs}
     else:
         raise common.UsageError(f"unknown architecture {arch!r}: zoo models are {', '.join(ZOO)} (or use package.module:factory)")

@@ -299,7 +299,7 @@ def _global_masks(weights: dict[str, torch.Tensor], current: dict[str, torch.Ten
 def _prunable_numels(ckpt: Checkpoint, trust_pickle: bool) -> dict[str, int]:
     """Prunable weight names and sizes. Zoo/import architectures are built on the meta device
     (no memory, no initialisation), so a 50M-weight layer costs nothing here."""
-    from dcomp.models import build_zoo, conform_to_state_dict, import_factory, prunable_parameters
+    from dcomp.models import build_from_factory, build_zoo, conform_to_state_dict, prunable_parameters
 
     model = None
     kind = ckpt.arch.get("kind")
@@ -309,7 +309,7 @@ def _prunable_numels(ckpt: Checkpoint, trust_pickle: bool) -> dict[str, int]:
                 if kind == "zoo":
                     model = build_zoo(ckpt.arch["name"], ckpt.input_shape, ckpt.num_classes, **ckpt.arch.get("kwargs", {}))
                 else:
-                    model = import_factory(ckpt.arch["target"])(**ckpt.arch.get("kwargs", {}))
+                    model = build_from_factory(ckpt.arch["target"], ckpt.arch.get("kwargs", {}), trusted=trust_pickle)
                 conform_to_state_dict(model, ckpt.state_dict)
         except Exception:  # noqa: BLE001 - fall back to the ordinary build, which reports errors properly
             model = None

@@ -61,13 +61,13 @@ class Checkpoint:
 
     def build_model(self, trust_pickle: bool = False) -> nn.Module:
         """Rebuild the model at the stored shapes with the stored weights, in eval mode."""
-        from dcomp.models import build_zoo, conform_to_state_dict, import_factory
+        from dcomp.models import build_from_factory, build_zoo, conform_to_state_dict
 
         kind = self.arch.get("kind")
         if kind == "zoo":
             model = build_zoo(self.arch["name"], self.input_shape, self.num_classes, **self.arch.get("kwargs", {}))
         elif kind == "import":
-            model = import_factory(self.arch["target"])(**self.arch.get("kwargs", {}))
+            model = build_from_factory(self.arch["target"], self.arch.get("kwargs", {}), trusted=trust_pickle)
         elif kind == "torchscript":
             model = torch.jit.load(io.BytesIO(self.arch["archive"].numpy().tobytes()), map_location="cpu")
         elif kind == "pickle":
@@ -185,6 +185,14 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise DcompError(f"{path.parent}: output folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (or the old file's)
+        if path.exists():
+            mode = path.stat().st_mode & 0o777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

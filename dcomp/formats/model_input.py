@@ -109,7 +109,7 @@ def _from_state_dict(state, source, arch, arch_kwargs, shape_of) -> Checkpoint:
         raise UsageError(f"unknown architecture {arch!r}: zoo models are {', '.join(ZOO)} (or use package.module:factory)")
     ckpt = Checkpoint(arch=arch_d, state_dict={k: v.detach().clone() for k, v in state.items()},
                       input_shape=shape, num_classes=classes)
-    ckpt.build_model()  # fail now, with the layer named, if the weights do not fit
+    ckpt.build_model(trust_pickle=True)  # --arch was typed by the user; fail now if the weights do not fit
     ckpt.add_provenance("import", {"source": source, "arch": arch})
     return ckpt
 

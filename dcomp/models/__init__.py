@@ -54,6 +54,29 @@ def import_factory(target: str) -> Callable[..., nn.Module]:
     return obj
 
 
+def build_from_factory(target: str, kwargs: dict | None = None, trusted: bool = True) -> nn.Module:
+    """Call ``package.module:factory`` with ``kwargs``; a failing call or a result that is not an
+    nn.Module is a usage error naming the target, not an internal error.
+
+    ``trusted=False`` is for targets read from a file: only nn.Module classes are called then,
+    because a file naming an arbitrary function (``os:system`` with a command) would make loading
+    a checkpoint run code. ``--trust-pickle`` lifts this, as it does for pickles."""
+    factory = import_factory(target)
+    if not trusted and not (isinstance(factory, type) and issubclass(factory, nn.Module)):
+        raise DcompError(
+            f"the file names {target} as its architecture, which is not an nn.Module class; calling an "
+            f"arbitrary function from a file could run any code. Pass --trust-pickle if you trust the file"
+        )
+    try:
+        model = factory(**(kwargs or {}))
+    except Exception as e:  # noqa: BLE001 - user code: any failure is reported as theirs
+        first = (str(e).splitlines() or [""])[0]
+        raise UsageError(f"--arch {target}: calling it with {kwargs or {}} failed ({type(e).__name__}: {first})") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--arch {target} returned a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
 def conform_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Resize Linear / Conv / BatchNorm modules so their parameters match ``state_dict`` shapes.
 

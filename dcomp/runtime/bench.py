@@ -379,7 +379,7 @@ def run_bench(ckpt: Checkpoint, cfg: BenchConfig, threads: int, baseline: Checkp
             if g:
                 pairs += zip(g, time_interleaved([t.runner for t in g], x, cfg.warmup, cfg.iters, cfg.seconds))
         for t, lat in pairs:
-            t.results.append({"batch": b, **percentiles(lat), "throughput_per_s": b / float(lat.mean()),
+            t.results.append({"batch": b, **percentiles(lat), "throughput_per_s": b / float(np.median(lat)),
                               "calls": int(lat.size)})
     for t in targets:
         for r, rr in zip(t.results, ref.results):
