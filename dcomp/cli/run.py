@@ -19,7 +19,7 @@ def run(
     recipe: Annotated[str, typer.Argument(help="recipe YAML file (see configs/ and docs/RECIPES.md)")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="input model file ('-' or omitted: stdin)")] = None,
     output: OutputOpt = None,
-    workdir: Annotated[Optional[str], typer.Option("--workdir", help="where stage outputs and run.jsonl go (default: OUTPUT.work/)")] = None,
+    workdir: Annotated[Optional[str], typer.Option("--workdir", help="where stage outputs and run.jsonl go (default: OUTPUT.work/, or dcomp-run-NAME/ when the result goes to stdout)")] = None,
     set_: SetOpt = None,
     data: DataOpt = None,
     resize: ResizeOpt = None,
