@@ -44,6 +44,14 @@ def lenet_path(lenet_ckpt, tmp_path):
     return p
 
 
+def one_error_line(result) -> str:
+    """A failed command printed exactly one line, `error: ...`, and no traceback; returns it."""
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
 @pytest.fixture()
 def cli():
     """Run the CLI in-process: cli("eval", path, "--json") -> click Result (stdout/stderr apart)."""

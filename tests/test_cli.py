@@ -74,11 +74,7 @@ def test_zoo_lists_all_models(cli):
 
 # ---- errors: one line, exit code, nothing written ---------------------------------------------
 
-def _one_error_line(r):
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.output
-    return lines[0]
+from tests.conftest import one_error_line as _one_error_line  # noqa: E402
 
 
 def test_missing_file(cli, tmp_path):

@@ -11,6 +11,7 @@ from dcomp.compressors.regularizers import (GroupLassoConfig, L1Config, Regulari
 from dcomp.formats.checkpoint import read_checkpoint
 from dcomp.retrain import retrain
 from dcomp.train import TrainConfig
+from tests.conftest import one_error_line
 
 
 def test_group_norms_match_definitions():
@@ -84,8 +85,7 @@ def test_cli_bad_regulariser(cli, lenet_path, tmp_path, args, needle):
     out = tmp_path / "o.pt"
     r = cli("retrain", lenet_path, *args, "--epochs", "1", "-o", out)
     assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], lines
+    assert needle in one_error_line(r)
     assert not out.exists()
 
 

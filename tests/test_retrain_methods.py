@@ -12,6 +12,7 @@ from dcomp.compressors.schedules import AGPConfig
 from dcomp.retrain import RetrainConfig, apply_retrain
 from dcomp.stages import StageContext
 from dcomp.train import TrainConfig
+from tests.conftest import one_error_line
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -29,8 +30,7 @@ def test_bad_combinations_fail_before_any_work(cli, lenet_path, tmp_path, args, 
     out = tmp_path / "o.pt"
     r = cli("retrain", lenet_path, *args, "--epochs", "1", "-o", out)
     assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], lines
+    assert needle in one_error_line(r)
     assert not out.exists()
 
 
