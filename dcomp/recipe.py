@@ -43,13 +43,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dcomp.errors import DcompError, UsageError
 from dcomp.formats.checkpoint import Checkpoint, atomic_write, read_checkpoint
 from dcomp.stages import StageContext, StageResult
-from dcomp.train import TrainConfig
+from dcomp.train import FINETUNE_DEFAULTS, TrainConfig
 
 RECIPE_VERSION = 1
 COMMON_STAGE_KEYS = ("stage", "name", "note")
 # Training blocks inside stages (prune.retrain, retrain.train, quantize.finetune, finetune.train)
-# start from the fine-tuning defaults the commands use, not from training-from-scratch ones.
-FINETUNE_DEFAULTS = {"lr": 0.01, "weight_decay": 0.0}
+# start from FINETUNE_DEFAULTS, as the commands do, not from training-from-scratch ones.
 
 
 # ---- schema -----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dcomp.data import Dataset
 from dcomp.errors import UsageError
 from dcomp.formats.checkpoint import Checkpoint
 from dcomp.stages import StageContext, StageResult
-from dcomp.train import Callback, TrainConfig, TrainResult, evaluate, fit
+from dcomp.train import FINETUNE_DEFAULTS, Callback, TrainConfig, TrainResult, evaluate, fit
 
 
 def retrain(ckpt: Checkpoint, data: Dataset, cfg: TrainConfig, callbacks: Sequence[Callback] = (),
@@ -60,7 +60,7 @@ def accuracy(ckpt: Checkpoint, data: Dataset, trust_pickle: bool = False) -> flo
 
 
 def default_train() -> TrainConfig:
-    return TrainConfig(epochs=5, lr=0.01, weight_decay=0.0)
+    return TrainConfig(epochs=5, **FINETUNE_DEFAULTS)
 
 
 class RetrainConfig(BaseModel):

@@ -45,6 +45,11 @@ def use_device(name: str) -> None:
     _DEVICE = torch.device(name)
 
 
+# Fine-tuning a trained model (retraining, pruning rounds, centroid fine-tuning) starts from
+# these instead of the from-scratch defaults of TrainConfig; commands and recipes share them.
+FINETUNE_DEFAULTS = {"lr": 0.01, "weight_decay": 0.0}
+
+
 class TrainConfig(BaseModel):
     """Options of every command that trains (train, retrain, fine-tuning stages)."""
 

@@ -4,6 +4,8 @@ several commands declare (so each is defined once)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
@@ -212,6 +214,38 @@ MomentumOpt = Annotated[float, typer.Option("--momentum", help="SGD momentum")]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", min=0.0, help="L2 weight decay")]
 LrScheduleOpt = Annotated[str, typer.Option("--lr-schedule", help="cosine, step or constant")]
 SelectOpt = Annotated[str, typer.Option("--select", help="keep the 'last' epoch or the 'best' on a validation split")]
+
+
+TRAIN_OPTIONS = {"batch_size": BatchSizeOpt, "lr": LrOpt, "optimizer": OptimizerOpt, "momentum": MomentumOpt,
+                 "weight_decay": WeightDecayOpt, "lr_schedule": LrScheduleOpt, "select": SelectOpt}
+
+
+def with_train_options(exclude: tuple[str, ...] = (), **defaults):
+    """Give a command the shared training options (--batch-size, --lr, --optimizer, --momentum,
+    --weight-decay, --lr-schedule, --select), declared once here; the command receives their
+    values as ``train_opts`` (a dict for ``train_config``). Defaults are the fine-tuning ones
+    unless overridden (``dcomp train`` trains from scratch with its own)."""
+    from dcomp.train import FINETUNE_DEFAULTS, TrainConfig
+
+    base = {n: f.default for n, f in TrainConfig.model_fields.items()}
+    values = {**base, **FINETUNE_DEFAULTS, **defaults}
+    names = [n for n in TRAIN_OPTIONS if n not in exclude]
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)  # typer reads evaluated annotations
+        own = [p for p in sig.parameters.values() if p.name != "train_opts"]
+        extra = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=values[n],
+                                   annotation=TRAIN_OPTIONS[n]) for n in names]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            train_opts = {n: kwargs.pop(n) for n in names}
+            return fn(**kwargs, train_opts=train_opts)
+
+        command.__signature__ = sig.replace(parameters=own + extra)
+        return command
+
+    return decorate
 
 
 def train_config(**values):

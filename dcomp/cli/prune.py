@@ -23,11 +23,11 @@ from typing import Annotated, Optional
 import typer
 
 from dcomp.cli import common
-from dcomp.cli.common import (ArchKwargsOpt, ArchOpt, BatchSizeOpt, DataOpt, InputArg, LrOpt, LrScheduleOpt,
-                              MomentumOpt, OptimizerOpt, OutputOpt, ResizeOpt, WeightDecayOpt)
+from dcomp.cli.common import ArchKwargsOpt, ArchOpt, DataOpt, InputArg, OutputOpt, ResizeOpt
 from dcomp.errors import UsageError
 
 
+@common.with_train_options(exclude=("select",))
 def prune(
     model: InputArg = None,
     output: OutputOpt = None,
@@ -46,12 +46,7 @@ def prune(
     resize: ResizeOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
-    batch_size: BatchSizeOpt = 64,
-    lr: LrOpt = 0.01,
-    optimizer: OptimizerOpt = "sgd",
-    momentum: MomentumOpt = 0.9,
-    weight_decay: WeightDecayOpt = 0.0,
-    lr_schedule: LrScheduleOpt = "cosine",
+    train_opts: dict | None = None,
 ):
     from pydantic import ValidationError
 
@@ -66,8 +61,7 @@ def prune(
         overrides[rx] = val
     retrain_cfg = None
     if epochs_per_round > 0:
-        retrain_cfg = common.train_config(epochs=epochs_per_round, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                                          momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule)
+        retrain_cfg = common.train_config(epochs=epochs_per_round, **train_opts)
     try:
         cfg = PruneConfig(method=method, sparsity=sparsity, quality=quality, nm=nm, layers=overrides,
                           exclude=list(exclude or []), min_weights=min_weights, rounds=rounds, schedule=schedule,

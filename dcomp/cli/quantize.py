@@ -10,11 +10,11 @@ import typer
 from rich.table import Table
 
 from dcomp.cli import common
-from dcomp.cli.common import (ArchKwargsOpt, ArchOpt, BatchSizeOpt, DataOpt, InputArg, LrOpt, LrScheduleOpt,
-                              MomentumOpt, OptimizerOpt, OutputOpt, ResizeOpt, SelectOpt, WeightDecayOpt)
+from dcomp.cli.common import ArchKwargsOpt, ArchOpt, DataOpt, InputArg, OutputOpt, ResizeOpt
 from dcomp.cli.ui import TrainProgress, fmt, kv_table
 
 
+@common.with_train_options()
 def quantize(
     model: InputArg = None,
     output: OutputOpt = None,
@@ -33,13 +33,7 @@ def quantize(
     arch_kwargs: ArchKwargsOpt = None,
     data: DataOpt = None,
     resize: ResizeOpt = None,
-    batch_size: BatchSizeOpt = 64,
-    lr: LrOpt = 0.01,
-    optimizer: OptimizerOpt = "sgd",
-    momentum: MomentumOpt = 0.9,
-    weight_decay: WeightDecayOpt = 0.0,
-    lr_schedule: LrScheduleOpt = "cosine",
-    select: SelectOpt = "last",
+    train_opts: dict | None = None,
 ):
     from pydantic import ValidationError
 
@@ -48,9 +42,7 @@ def quantize(
 
     finetune = None
     if finetune_epochs > 0:
-        finetune = common.train_config(epochs=finetune_epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                                       momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule,
-                                       select=select)
+        finetune = common.train_config(epochs=finetune_epochs, **train_opts)
     try:
         cfg = QuantizeConfig(bits=bits, conv_bits=conv_bits, fc_bits=fc_bits, layers=parse_layer_bits(layer or []),
                              exclude=list(exclude or []), init=init, max_iter=max_iter, requantize=requantize,

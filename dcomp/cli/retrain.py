@@ -10,9 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from dcomp.cli import common
-from dcomp.cli.common import (ArchKwargsOpt, ArchOpt, BatchSizeOpt, DataOpt, EpochsOpt, InputArg, LrOpt,
-                              LrScheduleOpt, MomentumOpt, OptimizerOpt, OutputOpt, ResizeOpt, SelectOpt,
-                              WeightDecayOpt)
+from dcomp.cli.common import ArchKwargsOpt, ArchOpt, DataOpt, EpochsOpt, InputArg, OutputOpt, ResizeOpt
 from dcomp.cli.ui import TrainProgress, kv_table
 from dcomp.errors import UsageError
 
@@ -43,6 +41,7 @@ def _config(cls, values: dict, flags: dict[str, str]):
         raise UsageError(msg) from None
 
 
+@common.with_train_options()
 def retrain(
     model: InputArg = None,
     output: OutputOpt = None,
@@ -51,13 +50,6 @@ def retrain(
     data: DataOpt = None,
     resize: ResizeOpt = None,
     epochs: EpochsOpt = 5,
-    batch_size: BatchSizeOpt = 64,
-    lr: LrOpt = 0.01,
-    optimizer: OptimizerOpt = "sgd",
-    momentum: MomentumOpt = 0.9,
-    weight_decay: WeightDecayOpt = 0.0,
-    lr_schedule: LrScheduleOpt = "cosine",
-    select: SelectOpt = "last",
     # ---- mask methods
     schedule: Annotated[Optional[str], _opt("--schedule", help="agp: gradual pruning on Zhu & Gupta's cubic schedule", panel=P_AGP)] = None,
     initial_sparsity: Annotated[Optional[float], _opt("--initial-sparsity", help="AGP s_i [default 0]", panel=P_AGP)] = None,
@@ -86,6 +78,7 @@ def retrain(
     cc_weight: Annotated[Optional[float], _opt("--cc-weight", help="correlation-congruence weight [default 0: off]", panel=P_KD)] = None,
     cc_gamma: Annotated[Optional[float], _opt("--cc-gamma", help="Gaussian kernel gamma [default 0.4]", panel=P_KD)] = None,
     cc_order: Annotated[Optional[int], _opt("--cc-order", help="P: Taylor order of the kernel [default 2]", panel=P_KD)] = None,
+    train_opts: dict | None = None,
 ):
     from dcomp.compressors.distill import DistillConfig, check_teacher, load_teacher
     from dcomp.compressors.dsd import IHTConfig
@@ -96,8 +89,7 @@ def retrain(
     from dcomp.stages import StageContext
 
     # ---- every option is checked before anything is read or trained
-    train_cfg = common.train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-                                    weight_decay=weight_decay, lr_schedule=lr_schedule, select=select)
+    train_cfg = common.train_config(epochs=epochs, **train_opts)
     if schedule is not None and schedule != "agp":
         raise UsageError(f"--schedule: only 'agp' is known, got {schedule!r}")
     if method is not None and method not in ("dns", "iht", "dsd"):

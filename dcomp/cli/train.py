@@ -8,25 +8,19 @@ import torch
 import typer
 
 from dcomp.cli import common
-from dcomp.cli.common import (ArchKwargsOpt, BatchSizeOpt, DataOpt, EpochsOpt, LrOpt, LrScheduleOpt, MomentumOpt,
-                              OptimizerOpt, OutputOpt, ResizeOpt, SelectOpt, WeightDecayOpt)
+from dcomp.cli.common import ArchKwargsOpt, DataOpt, EpochsOpt, OutputOpt, ResizeOpt
 from dcomp.cli.ui import TrainProgress, kv_table
 
 
+@common.with_train_options(lr=0.1, weight_decay=5e-4)
 def train(
     arch: Annotated[str, typer.Option("--arch", help="zoo name (see `dcomp zoo`) or package.module:factory")] = "lenet-300-100",
     arch_kwargs: ArchKwargsOpt = None,
     data: DataOpt = None,
     resize: ResizeOpt = None,
     epochs: EpochsOpt = 20,
-    batch_size: BatchSizeOpt = 64,
-    lr: LrOpt = 0.1,
-    optimizer: OptimizerOpt = "sgd",
-    momentum: MomentumOpt = 0.9,
-    weight_decay: WeightDecayOpt = 5e-4,
-    lr_schedule: LrScheduleOpt = "cosine",
-    select: SelectOpt = "last",
     output: OutputOpt = None,
+    train_opts: dict | None = None,
 ):
     from dcomp.data import load_dataset
     from dcomp.formats.checkpoint import Checkpoint
@@ -34,8 +28,7 @@ def train(
     from dcomp.models import ZOO, build_from_factory, build_zoo
     from dcomp.train import evaluate, fit
 
-    cfg = common.train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-                              weight_decay=weight_decay, lr_schedule=lr_schedule, select=select)
+    cfg = common.train_config(epochs=epochs, **train_opts)
     kwargs = parse_arch_kwargs(arch_kwargs)
     sink = common.plan_output(output)
     ds = load_dataset(data or "digits", resize)
