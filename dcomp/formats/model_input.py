@@ -2,11 +2,13 @@
 
 Accepted, detected from the bytes (never from the file name):
   - a dcomp checkpoint or a .dcz file
-  - a TorchScript archive (torch.jit.save)
-  - a state_dict saved with torch.save, or a .safetensors file, plus ``arch``
-    (a zoo name or ``package.module:factory``) and optional ``arch_kwargs``
+  - a TorchScript archive (torch.jit.save): code the user chose to run (it runs when loaded)
+  - a state_dict saved with torch.save, or a .safetensors file, plus ``arch`` (a zoo name,
+    ``package.module:factory`` or ``path/to/file.py:factory``, typed by the user) and optional
+    ``arch_kwargs``. A factory's model is stored as a ``graph`` (plain data, dcomp.models.graph_arch)
+    when it can be, so later stages need no trust; else as the factory reference.
   - a pickled nn.Module (torch.save(model)), only with ``trust_pickle``: unpickling runs code.
-    It is converted to TorchScript when torch.jit.script can do so, so later stages need no trust.
+    It is stored as a graph when it can be, else as TorchScript, else as the pickle.
 """
 
 from __future__ import annotations
@@ -35,35 +37,66 @@ def load_model(
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
     shape_of: Callable[[], tuple[list[int], int]] | None = None,
+    typed: frozenset[str] | set[str] = frozenset(),
+    execute: bool = True,
 ) -> Checkpoint:
-    """Read any accepted model file. ``shape_of()`` gives (shape_of) from the
-    dataset where the file does not say them; it is called only then (zoo models need them)."""
+    """Read any accepted model file. ``shape_of()`` gives (input shape, classes) from the
+    dataset where the file does not say them; it is called only then (zoo models need them).
+
+    ``arch`` and ``typed`` are references the *user* typed (``--arch``): only those, a trusted
+    library factory, or ``trust_pickle`` let a factory named by a file be imported. The
+    checkpoint returned carries them (``trusted_refs``) for this process only.
+    ``execute=False`` (``dcomp info``): run nothing at all, whatever the flags: the model is
+    not built, TorchScript and pickles are refused."""
+    from dcomp.models import ZOO
+
     if not data:
         raise FormatError(f"{source}: empty input (expected a model file)")
+    typed = frozenset(typed) | (frozenset([arch]) if arch and arch not in ZOO else frozenset())
     kind = sniff(data)
     if kind == "dcz":
-        return read_checkpoint(data, source)
+        return _vouched(read_checkpoint(data, source), typed, execute)
     if kind == "torchscript":
+        if not execute:
+            raise DcompError(f"{source} is TorchScript, which is code; this command never runs code from a file "
+                             f"(eval, prune, export ... load it, as code you chose to run)")
         return _from_torchscript(data, source, shape_of)
     if kind == "safetensors":
-        return _from_state_dict(_read_safetensors(data, source), source, arch, arch_kwargs, shape_of)
+        return _from_state_dict(_read_safetensors(data, source), source, arch, arch_kwargs, shape_of, typed, execute)
     if kind == "torch":
         try:
             obj = torch_load_plain(data, source)
         except PickledObjectError:
-            if not trust_pickle:
+            if not trust_pickle or not execute:
+                if not execute:
+                    raise DcompError(f"{source} holds a pickled Python object; this command never unpickles "
+                                     f"(that runs code), whatever the flags") from None
                 raise
             return _from_pickle(data, source, shape_of)
         if is_checkpoint_dict(obj):
-            return Checkpoint.from_dict(obj, source)
+            return _vouched(Checkpoint.from_dict(obj, source), typed, execute)
         state = _find_state_dict(obj)
         if state is None:
             raise FormatError(f"{source}: a torch file, but neither a dcomp checkpoint nor a state_dict of tensors")
-        return _from_state_dict(state, source, arch, arch_kwargs, shape_of)
+        return _from_state_dict(state, source, arch, arch_kwargs, shape_of, typed, execute)
     raise FormatError(
         f"{source}: not a model file dcomp reads (expected a dcomp checkpoint, .dcz, TorchScript, "
         f"a torch.save'd state_dict or .safetensors)"
     )
+
+
+def _vouched(ckpt: Checkpoint, typed: frozenset[str], execute: bool) -> Checkpoint:
+    """A checkpoint read from a file, with the references the user typed attached. When the file
+    names one of them as a factory, store the architecture as a graph from now on (so the
+    checkpoints this command writes need no flag later)."""
+    from dcomp.models.arch import FACTORY_KINDS, arch_record, build_architecture, trust_of
+
+    ckpt.trusted_refs = frozenset(typed)
+    if execute and ckpt.arch.get("kind") in FACTORY_KINDS and ckpt.arch.get("target") in typed:
+        model = build_architecture(ckpt.arch, ckpt.input_shape, ckpt.num_classes, trust_of(ckpt))
+        record, _ = arch_record(model, ckpt.input_shape, ckpt.arch["target"], ckpt.arch.get("kwargs"))
+        ckpt.arch = record
+    return ckpt
 
 
 def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -95,22 +128,31 @@ def _require_shape(source: str, shape_of) -> tuple[list[int], int]:
     return list(shape), int(classes)
 
 
-def _from_state_dict(state, source, arch, arch_kwargs, shape_of) -> Checkpoint:
+def _from_state_dict(state, source, arch, arch_kwargs, shape_of, typed=frozenset(), execute=True) -> Checkpoint:
     from dcomp.models import ZOO
+    from dcomp.models.arch import arch_record
 
     if not arch:
-        raise UsageError(f"{source} is a plain state_dict: pass --arch (a zoo name such as lenet-300-100, or package.module:factory)")
+        raise UsageError(f"{source} is a plain state_dict: pass --arch (a zoo name such as lenet-300-100, "
+                         f"package.module:factory or path/to/file.py:factory)")
     shape, classes = _require_shape(source, shape_of)
     if arch in ZOO:
         arch_d = {"kind": "zoo", "name": arch, "kwargs": dict(arch_kwargs or {})}
     elif ":" in arch:
-        arch_d = {"kind": "import", "target": arch, "kwargs": dict(arch_kwargs or {})}
+        arch_d = {"kind": "factory", "target": arch, "kwargs": dict(arch_kwargs or {})}
     else:
         raise UsageError(f"unknown architecture {arch!r}: zoo models are {', '.join(ZOO)} (or use package.module:factory)")
     ckpt = Checkpoint(arch=arch_d, state_dict={k: v.detach().clone() for k, v in state.items()},
-                      input_shape=shape, num_classes=classes)
-    ckpt.build_model(trust_pickle=True)  # --arch was typed by the user; fail now if the weights do not fit
-    ckpt.add_provenance("import", {"source": source, "arch": arch})
+                      input_shape=shape, num_classes=classes, trusted_refs=frozenset(typed))
+    params: dict[str, Any] = {"source": source, "arch": arch}
+    if execute:
+        model = ckpt.build_model()  # --arch was typed by the user; fail now if the weights do not fit
+        if arch_d["kind"] == "factory":
+            ckpt.arch, note = arch_record(model, shape, arch, arch_d["kwargs"])
+            params["stored_as"] = ckpt.arch["kind"]
+            if note:
+                params["graph_note"] = note
+    ckpt.add_provenance("import", params)
     return ckpt
 
 
@@ -124,8 +166,10 @@ def _from_torchscript(data: bytes, source: str, shape_of) -> Checkpoint:
     except Exception as e:  # noqa: BLE001 - torch.jit raises RuntimeError and friends for corrupt archives
         raise FormatError(f"{source}: corrupt TorchScript archive ({str(e).splitlines()[0]})") from None
     shape, classes = _require_shape(source, shape_of)
+    from dcomp.models.arch import torchscript_ref
+
     ckpt = Checkpoint(arch={"kind": "torchscript", "archive": _bytes_tensor(data)}, state_dict={},
-                      input_shape=shape, num_classes=classes)
+                      input_shape=shape, num_classes=classes, trusted_refs=frozenset([torchscript_ref(data)]))
     ckpt.update_from_model(model)
     ckpt.add_provenance("import", {"source": source, "format": "torchscript"})
     return ckpt
@@ -139,18 +183,31 @@ def _from_pickle(data: bytes, source: str, shape_of) -> Checkpoint:
     if not isinstance(model, nn.Module):
         raise FormatError(f"{source}: the pickled object is a {type(model).__name__}, not an nn.Module")
     shape, classes = _require_shape(source, shape_of)
-    try:
-        scripted = torch.jit.script(model.eval())
-        buf = io.BytesIO()
-        torch.jit.save(scripted, buf)
-        arch = {"kind": "torchscript", "archive": _bytes_tensor(buf.getvalue())}
-        how = "pickle->torchscript"
-    except Exception:  # noqa: BLE001 - scripting fails for many dynamic models; keep the pickle
-        arch = {"kind": "pickle", "archive": _bytes_tensor(data)}
-        how = "pickle"
-    ckpt = Checkpoint(arch=arch, state_dict={}, input_shape=shape, num_classes=classes)
+    from dcomp.models.arch import torchscript_ref
+    from dcomp.models.graph_arch import DescribeError, describe
+
+    refs: frozenset[str] = frozenset()
+    try:  # as data first: then later commands need no flag
+        arch = {"kind": "graph", "graph": describe(model, torch.zeros(1, *shape))}
+        how = "pickle->graph"
+    except DescribeError as e:
+        note = str(e)
+        try:
+            scripted = torch.jit.script(model.eval())
+            buf = io.BytesIO()
+            torch.jit.save(scripted, buf)
+            arch = {"kind": "torchscript", "archive": _bytes_tensor(buf.getvalue())}
+            refs = frozenset([torchscript_ref(buf.getvalue())])
+            how = "pickle->torchscript"
+        except Exception:  # noqa: BLE001 - scripting fails for many dynamic models; keep the pickle
+            arch = {"kind": "pickle", "archive": _bytes_tensor(data)}
+            how = "pickle"
+    ckpt = Checkpoint(arch=arch, state_dict={}, input_shape=shape, num_classes=classes, trusted_refs=refs)
     ckpt.update_from_model(model)
-    ckpt.add_provenance("import", {"source": source, "format": how})
+    params = {"source": source, "format": how}
+    if how != "pickle->graph":
+        params["graph_note"] = note
+    ckpt.add_provenance("import", params)
     return ckpt
 
 
