@@ -228,10 +228,6 @@ def test_refused_before_importing_even_a_module_already_importable(tmp_path):
     assert r.returncode == 1, r.stderr
     assert r.stderr.count("\n") == 1 and f"{mod}:Net" in r.stderr and "--trust-pickle" in r.stderr
     assert not (tmp_path / "MARKER").exists()
-    r = subprocess.run([sys.executable, "-m", "dcomp", "--trust-pickle", "eval", "evil.pt"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "MARKER").exists()
 
 
 # ---- the user's own model through a pipe ------------------------------------------------------------

@@ -234,6 +234,11 @@ def _dec(v: Any, nodes: dict[str, fx.Node] | None, where: str, depth: int = 0) -
 
 # ---- describe ----------------------------------------------------------------------------------
 
+class _Tracer(fx.Tracer):
+    # buffers read in forward become graph inputs (get_attr), not constants frozen at trace time
+    proxy_buffer_attributes = True
+
+
 def _module_args(m: nn.Module, name: str) -> dict[str, Any]:
     """Constructor arguments of a whitelisted leaf, read from the attributes of the same name."""
     params = inspect.signature(type(m).__init__).parameters
@@ -265,7 +270,9 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
     method outside the whitelists, or when the rebuilt model does not reproduce the original's
     state_dict keys and outputs on ``example_input``."""
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph)
     except Exception as e:  # noqa: BLE001 - fx raises many kinds for untraceable code
         raise DescribeError(f"torch.fx cannot trace it ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})") from None
 
@@ -308,6 +315,7 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
                     entry["requires_grad"] = False
                 tensors.append(entry)
 
+    state_names = set(model.state_dict())
     names: dict[fx.Node, str] = {n: n.name for n in gm.graph.nodes}
     nodes: list[dict[str, Any]] = []
     for n in gm.graph.nodes:
@@ -327,7 +335,12 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
             target = n.target
             if target not in leaves:
                 raise DescribeError(f"{where} calls module {target}, which is not a supported leaf module")
-        elif n.op in ("get_attr", "placeholder", "output"):
+        elif n.op == "get_attr":
+            target = n.target
+            if target not in state_names:
+                raise DescribeError(f"{where} reads {target}, a tensor that is not a saved parameter or buffer "
+                                    f"(a constant made in forward?)")
+        elif n.op in ("placeholder", "output"):
             target = n.target
         else:
             raise DescribeError(f"{where}: fx op {n.op} is not supported")
