@@ -348,3 +348,16 @@ def test_trusted_library_factory_needs_no_flag(cli, tmp_path):
     bad = Checkpoint(arch={**arch, "kwargs": {"weights": "DEFAULT"}}, state_dict={}, input_shape=[3, 32, 32], num_classes=10)
     with pytest.raises(Exception, match="download weights"):
         bad.build_model()
+
+
+def test_train_with_a_typed_factory_writes_a_graph_and_info_imports_nothing(cli, tmp_path, monkeypatch):
+    sd = _tiny_state(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = cli("train", "--arch", "./mynet.py:TinyNet", "--epochs", "1", "-o", "t.pt")
+    assert r.exit_code == 0, r.output
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["arch"]["kind"] == "graph"
+    (tmp_path / "imports.log").unlink()
+    r = cli("info", sd, "--arch", "mynet:TinyNet")  # info never imports, even a typed module
+    assert r.exit_code == 0, r.output
+    assert "mynet:TinyNet" in r.stderr and not (tmp_path / "imports.log").exists()
+    assert cli("eval", "t.pt").exit_code == 0 and not (tmp_path / "imports.log").exists()
