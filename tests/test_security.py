@@ -178,12 +178,18 @@ def test_info_says_what_building_would_need_and_builds_nothing(cli, attacks):
         assert not marker.exists()
 
 
-def test_info_never_loads_torchscript_or_pickles_whatever_the_flags(cli, tmp_path):
+def test_info_reads_torchscript_as_data_and_never_unpickles(cli, tmp_path):
+    import json
+
     marker = tmp_path / "m"
     (tmp_path / "ts.pt").write_bytes(_torchscript_attack(marker))
-    r = cli("--trust-pickle", "info", tmp_path / "ts.pt")
-    assert r.exit_code == 1 and "never runs code" in one_error_line(r)
+    r = cli("--trust-pickle", "info", tmp_path / "ts.pt", "--json")
+    assert r.exit_code == 0, r.output
+    assert [x["name"] for x in json.loads(r.stdout)["layers"]] == ["fc.weight", "fc.bias"]
     assert not marker.exists()
+    torch.save(nn.Linear(2, 2), tmp_path / "pickled.pt")
+    r = cli("--trust-pickle", "info", tmp_path / "pickled.pt")
+    assert r.exit_code == 1 and "never unpickles" in one_error_line(r)
 
 
 @pytest.mark.parametrize("attack", ["ts-ckpt", "ts-dcz", "import-ckpt", "import-dcz"])

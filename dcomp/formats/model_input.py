@@ -57,9 +57,8 @@ def load_model(
     if kind == "dcz":
         return _vouched(read_checkpoint(data, source), typed, execute)
     if kind == "torchscript":
-        if not execute:
-            raise DcompError(f"{source} is TorchScript, which is code; this command never runs code from a file "
-                             f"(eval, prune, export ... load it, as code you chose to run)")
+        if not execute:  # its tensors, read as data: the code in it is never loaded
+            return _torchscript_as_data(data, source, shape_of)
         return _from_torchscript(data, source, shape_of)
     if kind == "safetensors":
         return _from_state_dict(_read_safetensors(data, source), source, arch, arch_kwargs, shape_of, typed, execute)
@@ -172,6 +171,91 @@ def _from_torchscript(data: bytes, source: str, shape_of) -> Checkpoint:
                       input_shape=shape, num_classes=classes, trusted_refs=frozenset([torchscript_ref(data)]))
     ckpt.update_from_model(model)
     ckpt.add_provenance("import", {"source": source, "format": "torchscript"})
+    return ckpt
+
+
+_STORAGES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+             "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+             "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+             "BoolStorage": torch.bool}
+
+
+def torchscript_tensors(data: bytes, source: str = "input") -> dict[str, torch.Tensor]:
+    """The named tensors of a TorchScript archive, read without loading it: a restricted
+    unpickler that knows tensors, storages and dicts and turns every TorchScript class into an
+    inert placeholder (so no ``__setstate__`` or other code from the archive runs)."""
+    import pickle
+    import zipfile
+    from collections import OrderedDict
+
+    class _Obj:
+        state: Any = None
+
+        def __setstate__(self, state):
+            self.state = state
+
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
+    except (zipfile.BadZipFile, StopIteration):
+        raise FormatError(f"{source}: not a readable TorchScript archive") from None
+    prefix = pkl[: -len("data.pkl")]
+
+    def rebuild_tensor(storage, offset, size, stride, *_):
+        return storage.as_strided(tuple(size), tuple(stride), int(offset)).clone()
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module == "torch._utils" and name == "_rebuild_tensor_v2":
+                return rebuild_tensor
+            if module == "torch" and name in _STORAGES:
+                return _STORAGES[name]
+            if module == "collections" and name == "OrderedDict":
+                return OrderedDict
+            if module == "torch.jit._pickle" and name in ("build_intlist", "build_doublelist", "build_boollist",
+                                                          "build_tensorlist", "build_complexlist"):
+                return lambda x: x  # typed lists: the list itself
+            if module == "torch.jit._pickle" and name == "restore_type_tag":
+                return lambda value, _type: value
+            if module == "__torch__" or module.startswith("__torch__."):
+                return type("TorchScriptObject", (_Obj,), {})
+            raise pickle.UnpicklingError(f"{module}.{name} is not something dcomp reads as data")
+
+        def persistent_load(self, pid):
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+                raise pickle.UnpicklingError("unknown persistent id")
+            raw = zf.read(f"{prefix}data/{pid[2]}")
+            return torch.frombuffer(bytearray(raw), dtype=pid[1]) if raw else torch.empty(0, dtype=pid[1])
+
+    try:
+        root = _Unpickler(io.BytesIO(zf.read(pkl))).load()
+    except Exception as e:  # noqa: BLE001 - any malformed archive
+        raise FormatError(f"{source}: TorchScript archive not readable as data ({(str(e).splitlines() or [''])[0][:120]})") from None
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(obj, prefix_: str, depth: int) -> None:
+        if depth > 64:
+            return
+        state = obj.state if isinstance(obj, _Obj) else None
+        if not isinstance(state, dict):
+            return
+        for k, v in state.items():
+            if not isinstance(k, str):
+                continue
+            if isinstance(v, torch.Tensor):
+                out[prefix_ + k] = v
+            elif isinstance(v, _Obj):
+                walk(v, f"{prefix_}{k}.", depth + 1)
+
+    walk(root, "", 0)
+    return out
+
+
+def _torchscript_as_data(data: bytes, source: str, shape_of) -> Checkpoint:
+    shape, classes = _require_shape(source, shape_of)
+    ckpt = Checkpoint(arch={"kind": "torchscript", "archive": _bytes_tensor(data)},
+                      state_dict=torchscript_tensors(data, source), input_shape=shape, num_classes=classes)
+    ckpt.add_provenance("import", {"source": source, "format": "torchscript (read as data)"})
     return ckpt
 
 
