@@ -367,3 +367,17 @@ def test_train_with_a_typed_factory_writes_a_graph_and_info_imports_nothing(cli,
     assert r.exit_code == 0, r.output
     assert "mynet:TinyNet" in r.stderr and not (tmp_path / "imports.log").exists()
     assert cli("eval", "t.pt").exit_code == 0 and not (tmp_path / "imports.log").exists()
+
+
+def test_a_recipe_on_the_users_torchscript_packs_and_evaluates_without_the_flag(cli, tmp_path, digits):
+    """The .dcz a run writes holds the user's own TorchScript: read back in the same run, it is
+    still theirs (a later command on that file would need --trust-pickle)."""
+    from dcomp.models import build_zoo
+
+    torch.jit.save(torch.jit.script(build_zoo("lenet-300-100", digits.input_shape, 10)), tmp_path / "m.ts")
+    (tmp_path / "r.yaml").write_text("name: t\ndefaults: {data: digits}\nstages:\n  - stage: prune\n    sparsity: 0.5\n"
+                                     "  - stage: pack\n  - stage: eval\n")
+    r = cli("run", tmp_path / "r.yaml", "--model", tmp_path / "m.ts", "-o", tmp_path / "m.dcz")
+    assert r.exit_code == 0, r.output
+    r = cli("eval", tmp_path / "m.dcz")
+    assert r.exit_code == 1 and "TorchScript" in one_error_line(r)
