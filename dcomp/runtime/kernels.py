@@ -72,8 +72,10 @@ if njit is not None:
         return lambda codes, codebook, k: codes[k]
 
     @njit(**_OPTS)
-    def _lin_mv(rowptr, cols, codes, codebook, bias, x, y, r0, r1, relu):
-        # y[i] = bias[i] + sum_k value(k) * x[cols[k]];  x: (in,), y: (out,)
+    def _lin_mv(rowptr, cols, codes, codebook, bias, x2, y2, r0, r1, relu):
+        # y[i] = bias[i] + sum_k value(k) * x[cols[k]];  x2: (1, in), y2: (1, out)
+        x = x2[0]
+        y = y2[0]
         for i in range(r0, r1):
             a0 = np.float32(0.0)
             a1 = np.float32(0.0)
@@ -313,22 +315,62 @@ def chunk_pool(threads: int) -> ChunkPool:
     return _pools[threads]
 
 
-class _Layer:
-    """What the two layer kinds share: chunks over output rows, the pool, the buffers."""
+def _compiled(disp, args):
+    """The compiled entry point of numba dispatcher ``disp`` for these argument types (compiling
+    it if needed): calling it skips the dispatcher's type matching, about 2 us per call, which is
+    a third of a small layer's time. Falls back to the dispatcher."""
+    from numba import typeof
 
-    def _setup_threads(self, threads: int, work_per_row_batch: float) -> None:
+    disp(*args)  # the callers pass an empty row range: compiles, computes nothing
+    cres = disp.overloads.get(tuple(typeof(a) for a in args))
+    return cres.entry_point if cres is not None else disp
+
+
+class _Layer:
+    """What the layer kinds share: row chunks for the pool, and one prepared call per batch size
+    and ReLU flag holding its buffers (made on first use, reused after)."""
+
+    def _setup_threads(self, threads: int) -> None:
         self.pool = chunk_pool(threads)
         # about 3 chunks per thread, none under ~32k multiply-adds (each chunk is a Python call)
         n = int(max(1, min(3 * self.pool.threads, self.work_per_sample // 32768)))
         self.chunks = row_chunks(self.w.rowptr, n)
-        self._buffers: dict[int, tuple] = {}
+        self._prepared: dict[tuple, Any] = {}
+        self.codes, self.cb = (self.w.codes, self.w.codebook) if self.w.codes is not None else (self.w.vals, _NO_CODEBOOK)
 
-    def _run(self, fn, batch: int) -> None:
-        if self.pool.threads == 1 or self.work_per_sample * batch < PARALLEL_MIN_WORK:
-            if self.w.rows:
-                fn(0, self.w.rows)
-        else:
-            self.pool.run(fn, self.chunks)
+    @property
+    def sparsity(self) -> float:
+        return self.w.sparsity
+
+    @property
+    def nnz(self) -> int:
+        return self.w.nnz
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + self.bias.nbytes
+
+    def _runner(self, ep, args_before, args_after, batch: int):
+        """fn() running ``ep(*args_before, r0, r1, *args_after)`` over all rows: serially when
+        the work is small or threads == 1, else in chunks on the pool."""
+        rows = self.w.rows
+        if self.pool.threads == 1 or self.work_per_sample * batch < PARALLEL_MIN_WORK or len(self.chunks) < 2:
+            return lambda: ep(*args_before, 0, rows, *args_after)
+        pool, chunks = self.pool, self.chunks
+        return lambda: pool.run(lambda r0, r1: ep(*args_before, r0, r1, *args_after), chunks)
+
+    def __call__(self, x: np.ndarray, relu: bool | None = None) -> np.ndarray:
+        relu = self.relu if relu is None else bool(relu)
+        batch = x.shape[0]
+        fn = self._prepared.get((batch, relu))
+        if x.size != batch * self.in_features:
+            raise ValueError(f"{self.name or 'layer'}: expected {self.in_features} input values per sample, "
+                             f"got {x.size // max(batch, 1)}")
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        if fn is None:
+            fn = self._prepared[(batch, relu)] = self._prepare(batch, relu)
+        return fn(x)
 
 
 class SparseLinear(_Layer):
@@ -344,57 +386,38 @@ class SparseLinear(_Layer):
         self.bias = np.zeros(self.out_features, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
         self.relu = bool(relu)
         self.work_per_sample = max(self.w.nnz, 1)
-        self._k = numba_kernels()
-        self._setup_threads(threads, self.work_per_sample)
-
-    @property
-    def sparsity(self) -> float:
-        return self.w.sparsity
-
-    @property
-    def nnz(self) -> int:
-        return self.w.nnz
-
-    @property
-    def nbytes(self) -> int:
-        return self.w.nbytes + self.bias.nbytes
+        self._setup_threads(threads)
 
     def out_shape(self, in_shape) -> tuple:
         return (self.out_features,)
 
-    def _bufs(self, batch: int):
-        bufs = self._buffers.get(batch)
-        if bufs is None:
-            y = np.empty((batch, self.out_features), np.float32)
-            if batch == 1:
-                bufs = (y,)
+    def _prepare(self, batch: int, relu: bool):
+        k = numba_kernels()
+        w, head = self.w, (self.w.rowptr, self.w.cols, self.codes, self.cb, self.bias)
+        y = np.empty((batch, self.out_features), np.float32)
+        if batch == 1:  # the input changes per call, so the call passes it on
+            ep = _compiled(k["lin_mv"], (*head, np.zeros((1, self.in_features), np.float32), y, 0, 0, relu))
+            rows, pool, chunks = w.rows, self.pool, self.chunks
+            if self.pool.threads == 1 or self.work_per_sample < PARALLEL_MIN_WORK or len(chunks) < 2:
+                def call(x):
+                    ep(*head, x.reshape(1, -1), y, 0, rows, relu)
+                    return y
             else:
-                bufs = (y, np.empty((self.in_features, batch), np.float32),
-                        np.empty((self.out_features, batch), np.float32))
-            self._buffers[batch] = bufs
-        return bufs
+                def call(x):
+                    x2 = x.reshape(1, -1)
+                    pool.run(lambda r0, r1: ep(*head, x2, y, r0, r1, relu), chunks)
+                    return y
+            return call
+        xt = np.empty((self.in_features, batch), np.float32)
+        acc = np.empty((self.out_features, batch), np.float32)
+        ep = _compiled(k["lin_mm"], (*head, xt, acc, y, 0, 0, relu))
+        run = self._runner(ep, (*head, xt, acc, y), (relu,), batch)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = x.reshape(x.shape[0], -1)
-        if x.shape[1] != self.in_features:
-            raise ValueError(f"{self.name or 'layer'}: expected {self.in_features} input features, got {x.shape[1]}")
-        if x.dtype != np.float32:
-            x = x.astype(np.float32)
-        batch = x.shape[0]
-        bufs = self._bufs(batch)
-        w, k, bias, relu = self.w, self._k, self.bias, self.relu
-        codes, cb = (w.codes, w.codebook) if w.codes is not None else (w.vals, _NO_CODEBOOK)
-        if batch == 1:
-            y = bufs[0]
-            xv, yv = np.ascontiguousarray(x[0]), y[0]
-            f = k["lin_mv"]
-            self._run(lambda r0, r1: f(w.rowptr, w.cols, codes, cb, bias, xv, yv, r0, r1, relu), 1)
+        def call(x):
+            np.copyto(xt, x.reshape(batch, -1).T)
+            run()
             return y
-        y, xt, acc = bufs
-        np.copyto(xt, x.T)
-        f = k["lin_mm"]
-        self._run(lambda r0, r1: f(w.rowptr, w.cols, codes, cb, bias, xt, acc, y, r0, r1, relu), batch)
-        return y
+        return call
 
 
 class SparseConv2d(_Layer):
@@ -432,20 +455,7 @@ class SparseConv2d(_Layer):
         self.bias = np.zeros(cout, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
         self.relu = bool(relu)
         self.work_per_sample = max(self.w.nnz * self.oh * self.ow, 1)
-        self._k = numba_kernels()
-        self._setup_threads(threads, self.work_per_sample)
-
-    @property
-    def sparsity(self) -> float:
-        return self.w.sparsity
-
-    @property
-    def nnz(self) -> int:
-        return self.w.nnz
-
-    @property
-    def nbytes(self) -> int:
-        return self.w.nbytes + self.bias.nbytes
+        self._setup_threads(threads)
 
     @property
     def out_features(self) -> int:
@@ -458,33 +468,36 @@ class SparseConv2d(_Layer):
     def out_shape(self, in_shape) -> tuple:
         return (self.cout, self.oh, self.ow)
 
-    def _bufs(self, batch: int):
-        bufs = self._buffers.get(batch)
-        if bufs is None:
-            y = np.empty((batch, self.cout, self.oh, self.ow), np.float32)
-            xp = np.zeros((batch, self.cin, self.hp, self.wp), np.float32) if any(self.pad) else None
-            bufs = (y, xp)
-            self._buffers[batch] = bufs
-        return bufs
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        batch = x.shape[0]
-        if x.shape[1:] != (self.cin, self.h, self.w_in):
-            raise ValueError(f"{self.name or 'layer'}: expected input {(self.cin, self.h, self.w_in)}, got {x.shape[1:]}")
-        y, xp = self._bufs(batch)
-        if xp is not None:
-            ph, pw = self.pad
-            xp[:, :, ph:ph + self.h, pw:pw + self.w_in] = x
-        else:
-            xp = np.ascontiguousarray(x, dtype=np.float32)
-        xf = xp.reshape(batch, -1)
+    def _prepare(self, batch: int, relu: bool):
+        y = np.empty((batch, self.cout, self.oh, self.ow), np.float32)
         yf = y.reshape(batch, self.cout, -1)
-        w, bias, relu = self.w, self.bias, self.relu
-        f = self._k["conv"]
-        codes, cb = (w.codes, w.codebook) if w.codes is not None else (w.vals, _NO_CODEBOOK)
-        args = (w.rowptr, w.cols, codes, cb, bias, xf, yf, self.oh, self.ow, self.wp, self.stride)
-        self._run(lambda r0, r1: f(*args, r0, r1, relu), batch)
-        return y
+        head = (self.w.rowptr, self.w.cols, self.codes, self.cb, self.bias)
+        tail = (self.oh, self.ow, self.wp, self.stride)
+        f = numba_kernels()["conv"]
+        shape = (batch, self.cin, self.h, self.w_in)
+        if any(self.pad):
+            xp = np.zeros((batch, self.cin, self.hp, self.wp), np.float32)
+            inner = xp[:, :, self.pad[0]:self.pad[0] + self.h, self.pad[1]:self.pad[1] + self.w_in]
+            ep = _compiled(f, (*head, xp.reshape(batch, -1), yf, *tail, 0, 0, relu))
+            run = self._runner(ep, (*head, xp.reshape(batch, -1), yf, *tail), (relu,), batch)
+
+            def call(x):
+                inner[...] = x.reshape(shape)
+                run()
+                return y
+            return call
+        ep = _compiled(f, (*head, np.zeros((batch, self.in_features), np.float32), yf, *tail, 0, 0, relu))
+        rows, pool, chunks = self.w.rows, self.pool, self.chunks
+        if self.pool.threads == 1 or self.work_per_sample * batch < PARALLEL_MIN_WORK or len(chunks) < 2:
+            def call(x):
+                ep(*head, x.reshape(batch, -1), yf, *tail, 0, rows, relu)
+                return y
+        else:
+            def call(x):
+                xf = x.reshape(batch, -1)
+                pool.run(lambda r0, r1: ep(*head, xf, yf, *tail, r0, r1, relu), chunks)
+                return y
+        return call
 
 
 _NO_CODEBOOK = np.zeros(1, np.float32)
