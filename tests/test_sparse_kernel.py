@@ -102,6 +102,9 @@ def test_conv_kernel_equals_torch_conv(seed):
             with torch.no_grad():
                 ref = conv(torch.from_numpy(x)).numpy()
             close(layer(x), np.maximum(ref, 0) if layer.relu else ref)
+            if stride == 1 and min(ref.shape[2:]) >= 2:  # ReLU and 2x2 max-pooling fused into the write-out
+                pooled = nn.functional.max_pool2d(torch.relu(torch.from_numpy(ref)), 2).numpy()
+                close(layer(x, True, 2), pooled)
 
 
 def test_maxpool_with_fused_relu():
@@ -185,3 +188,29 @@ def test_calibrated_runner_reports_its_choice():
         assert set(lay["choice"]) == {"1", "4"} and lay["sparse_ms"]["1"] > 0 and lay["dense_ms"]["1"] > 0
     x = np.random.default_rng(0).standard_normal((4, *shape), dtype=np.float32)
     close(h.run(x), OrtRunner(export_module(model, shape), 1).run(x))
+
+
+def test_cli_bench_shows_the_per_layer_choice(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dcomp.cli.app import app
+    from dcomp.formats.checkpoint import Checkpoint
+
+    torch.manual_seed(0)
+    shape = (1, 8, 8)
+    model = pruned(build_zoo("lenet-300-100", shape, 10), sparsity=0.95)
+    p = tmp_path / "m.pt"
+    Checkpoint(arch={"kind": "zoo", "name": "lenet-300-100", "kwargs": {}}, state_dict=model.state_dict(),
+               input_shape=list(shape), num_classes=10).save(p)
+    args = ["bench", str(p), "--batch", "1,2", "--threads", "1", "--iters", "2", "--warmup", "0", "--seconds", "0.01",
+            "--no-sweep", "--no-eager", "--variants", "dense,hybrid", "--data", "none"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "per-layer choice" in r.output and "fc1" in r.output
+    s = json.loads(CliRunner().invoke(app, ["--json", *args]).stdout)
+    hy = next(t for t in s["targets"] if t["name"] == "hybrid")
+    for lay in hy["info"]["layers"]:
+        assert set(lay["choice"]) == {"1", "2"}
+        assert all(v.startswith("sparse") or v.startswith("dense") for v in lay["choice"].values())

@@ -256,7 +256,7 @@ def build_targets(ckpt: Checkpoint, baseline: Checkpoint | None, cfg: BenchConfi
                              "same file as dense")
             targets.append(t)
         elif v == "hybrid":
-            log(f"building the hybrid sparse path ({cfg.kernel} CSR kernel)")
+            log(f"building the hybrid sparse path ({cfg.kernel} kernel, calibrating each prunable layer)")
             try:
                 t = _build(lambda: _hybrid_target(model, ckpt, cfg, threads), x_first)
             except DcompError as e:

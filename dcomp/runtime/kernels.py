@@ -55,7 +55,7 @@ _OPTS = dict(nogil=True, fastmath=True, cache=True, boundscheck=False)
 def numba_kernels() -> dict[str, Any]:
     if njit is None:
         raise UsageError("the compiled sparse kernel needs the numba package (pip install numba)")
-    return {"lin_mv": _lin_mv, "lin_mm": _lin_mm, "conv": _conv, "maxpool": _maxpool}
+    return {"lin_mv": _lin_mv, "lin_mm": _lin_mm, "conv": _conv, "conv_wide": _conv_wide, "maxpool": _maxpool}
 
 
 def _value(codes, codebook, k):
@@ -182,6 +182,62 @@ if njit is not None:
                     for p in range(oh * ow):
                         out[p] = max(out[p], np.float32(0.0))
     
+    @njit(**_OPTS)
+    def _conv_wide(rowptr, offs, codes, codebook, bias, xp, wide, y, oh, ow, wp, pool, r0, r1, relu):
+        # Stride 1: output row oy, column ox reads the padded input at base + oy*wp + ox, so over
+        # a "wide" output of oh rows of wp columns (the last wp - ow columns are discarded) each
+        # non-zero adds v * xp[o : o + oh*wp] to one contiguous run: a single long vectorised
+        # loop instead of oh short ones, four non-zeros per pass. xp: (B, C*hp*wp + wp) (the tail
+        # keeps the discarded columns' reads inside the buffer); wide: (B, Cout, oh*wp) scratch.
+        # pool > 1: max-pooling (kernel = stride = pool) fused into the write-out; y then holds
+        # (B, Cout, (oh // pool) * (ow // pool)).
+        n = oh * wp
+        nbatch = xp.shape[0]
+        z = np.float32(0.0)
+        for b in range(nbatch):
+            xb = xp[b]
+            for co in range(r0, r1):
+                acc = wide[b, co]
+                bi = bias[co]
+                for q in range(n):
+                    acc[q] = bi
+                k = rowptr[co]
+                end = rowptr[co + 1]
+                while k + 4 <= end:
+                    v0 = _value(codes, codebook, k)
+                    v1 = _value(codes, codebook, k + 1)
+                    v2 = _value(codes, codebook, k + 2)
+                    v3 = _value(codes, codebook, k + 3)
+                    x0 = xb[offs[k]:offs[k] + n]
+                    x1 = xb[offs[k + 1]:offs[k + 1] + n]
+                    x2 = xb[offs[k + 2]:offs[k + 2] + n]
+                    x3 = xb[offs[k + 3]:offs[k + 3] + n]
+                    for q in range(n):
+                        acc[q] += (v0 * x0[q] + v1 * x1[q]) + (v2 * x2[q] + v3 * x3[q])
+                    k += 4
+                while k < end:
+                    v = _value(codes, codebook, k)
+                    xr = xb[offs[k]:offs[k] + n]
+                    for q in range(n):
+                        acc[q] += v * xr[q]
+                    k += 1
+                out = y[b, co]
+                if pool == 1:
+                    for oy in range(oh):
+                        for ox in range(ow):
+                            v = acc[oy * wp + ox]
+                            out[oy * ow + ox] = max(v, z) if relu else v
+                else:
+                    pw_ = ow // pool
+                    for py in range(oh // pool):
+                        for px in range(pw_):
+                            base = py * pool * wp + px * pool
+                            m = acc[base]
+                            for dy in range(pool):
+                                for dx in range(pool):
+                                    m = max(m, acc[base + dy * wp + dx])
+                            out[py * pw_ + px] = max(m, z) if relu else m
+
     @njit(**_OPTS)
     def _maxpool(x, y, k, relu):
         # x: (B, C, H, W) -> y: (B, C, H//k, W//k), kernel = stride = k, no padding
@@ -359,17 +415,17 @@ class _Layer:
         pool, chunks = self.pool, self.chunks
         return lambda: pool.run(lambda r0, r1: ep(*args_before, r0, r1, *args_after), chunks)
 
-    def __call__(self, x: np.ndarray, relu: bool | None = None) -> np.ndarray:
+    def __call__(self, x: np.ndarray, relu: bool | None = None, pool: int = 1) -> np.ndarray:
         relu = self.relu if relu is None else bool(relu)
         batch = x.shape[0]
-        fn = self._prepared.get((batch, relu))
+        fn = self._prepared.get((batch, relu, pool))
         if x.size != batch * self.in_features:
             raise ValueError(f"{self.name or 'layer'}: expected {self.in_features} input values per sample, "
                              f"got {x.size // max(batch, 1)}")
         if x.dtype != np.float32 or not x.flags.c_contiguous:
             x = np.ascontiguousarray(x, dtype=np.float32)
         if fn is None:
-            fn = self._prepared[(batch, relu)] = self._prepare(batch, relu)
+            fn = self._prepared[(batch, relu, pool)] = self._prepare(batch, relu, pool)
         return fn(x)
 
 
@@ -391,7 +447,9 @@ class SparseLinear(_Layer):
     def out_shape(self, in_shape) -> tuple:
         return (self.out_features,)
 
-    def _prepare(self, batch: int, relu: bool):
+    def _prepare(self, batch: int, relu: bool, pool: int = 1):
+        if pool != 1:
+            raise ValueError("a Linear layer has no pooling to fuse")
         k = numba_kernels()
         w, head = self.w, (self.w.rowptr, self.w.cols, self.codes, self.cb, self.bias)
         y = np.empty((batch, self.out_features), np.float32)
@@ -468,13 +526,30 @@ class SparseConv2d(_Layer):
     def out_shape(self, in_shape) -> tuple:
         return (self.cout, self.oh, self.ow)
 
-    def _prepare(self, batch: int, relu: bool):
-        y = np.empty((batch, self.cout, self.oh, self.ow), np.float32)
+    def _prepare(self, batch: int, relu: bool, pool: int = 1):
+        if pool != 1 and self.stride != 1:
+            raise ValueError("max-pooling is fused only into stride-1 convolutions")
+        y = np.empty((batch, self.cout, self.oh // pool, self.ow // pool), np.float32)
         yf = y.reshape(batch, self.cout, -1)
         head = (self.w.rowptr, self.w.cols, self.codes, self.cb, self.bias)
         tail = (self.oh, self.ow, self.wp, self.stride)
         f = numba_kernels()["conv"]
         shape = (batch, self.cin, self.h, self.w_in)
+        if self.stride == 1:  # the wide kernel: always through the staging buffer (with its tail)
+            plane = self.cin * self.hp * self.wp
+            xp = np.zeros((batch, plane + self.wp), np.float32)
+            ph, pw = self.pad
+            inner = xp[:, :plane].reshape(batch, self.cin, self.hp, self.wp)[:, :, ph:ph + self.h, pw:pw + self.w_in]
+            wide = np.empty((batch, self.cout, self.oh * self.wp), np.float32)
+            args = (*head, xp, wide, yf, self.oh, self.ow, self.wp, int(pool))
+            ep = _compiled(numba_kernels()["conv_wide"], (*args, 0, 0, relu))
+            run = self._runner(ep, args, (relu,), batch)
+
+            def call(x):
+                inner[...] = x.reshape(shape)
+                run()
+                return y
+            return call
         if any(self.pad):
             xp = np.zeros((batch, self.cin, self.hp, self.wp), np.float32)
             inner = xp[:, :, self.pad[0]:self.pad[0] + self.h, self.pad[1]:self.pad[1] + self.w_in]

@@ -355,34 +355,40 @@ class HybridRunner:
         if key in self._step_cache:
             return self._step_cache[key]
         calls = []
-        fuse_into = None  # the sparse layer just before a native segment, which can take its ReLU
+        before = None  # the sparse layer just before a native segment: it can take the ReLU and a max-pool
         for step in layout_steps(self.plan, chosen):
             if step[0] == "sparse":
-                calls.append(["sparse", self.layers[step[1]], False])
-                fuse_into = calls[-1]
+                calls.append(["sparse", self.layers[step[1]], False, 1])
+                before = calls[-1]
             elif step[0] == "native":
                 ops = [o for o in step[1] if o[0] != "id"]
                 relu = any(o[0] == "relu" for o in ops)
                 ops = [o for o in ops if o[0] != "relu"]  # ReLU commutes with flatten and max-pool
-                if relu and fuse_into is not None and (self.kernel == "numba" or fuse_into[1].kind == "linear"):
-                    fuse_into[2], relu = True, False
+                can_fuse = before is not None and (self.kernel == "numba" or before[1].kind == "linear")
+                if relu and can_fuse:
+                    before[2], relu = True, False
                 shape = step[2]
-                for i, o in enumerate(ops):
+                if (ops and ops[0][0] == "pool" and can_fuse and before[1].kind == "conv"
+                        and before[1].stride == 1):
+                    before[3] = ops[0][1]  # max-pool fused into the convolution's write-out
+                    shape = (shape[0], shape[1] // ops[0][1], shape[2] // ops[0][1])
+                    ops = ops[1:]
+                for o in ops:
                     if o[0] == "pool":
                         pool = MaxPool(o[1], shape, relu=relu)
                         relu = False
-                        calls.append(["pool", pool, False])
+                        calls.append(["pool", pool, False, 1])
                         shape = pool.out_shape(shape)
                     else:
-                        calls.append(["flatten", None, False])
+                        calls.append(["flatten", None, False, 1])
                         shape = (math.prod(shape),)
                 if relu:
-                    calls.append(["relu", None, False])
-                fuse_into = None
+                    calls.append(["relu", None, False, 1])
+                before = None
             else:
                 data = self._export(step[1], step[2], input_name="x", output_name="y")
-                calls.append(["onnx", _OrtCall(self._session(data, self.threads), len(data)), False])
-                fuse_into = None
+                calls.append(["onnx", _OrtCall(self._session(data, self.threads), len(data)), False, 1])
+                before = None
         self._step_cache[key] = calls
         return calls
 
@@ -440,9 +446,9 @@ class HybridRunner:
     # -- running
     @staticmethod
     def _run_calls(calls, x: np.ndarray) -> np.ndarray:
-        for kind, obj, relu in calls:
+        for kind, obj, relu, pool in calls:
             if kind == "sparse":
-                x = obj(x, relu) if relu else obj(x)
+                x = obj(x, relu, pool) if pool != 1 else (obj(x, relu) if relu else obj(x))
             elif kind == "onnx" or kind == "pool":
                 x = obj(x)
             elif kind == "flatten":
@@ -464,7 +470,7 @@ class HybridRunner:
         """Bytes of what the chosen plans run: compressed layers, ONNX segments, the dense model
         where a batch size falls back to it."""
         active = [calls for calls in self.plans.values() if calls is not None]
-        objs = {id(obj): obj for calls in active for kind, obj, _ in calls if kind in ("sparse", "onnx")}
+        objs = {id(obj): obj for calls in active for kind, obj, *_ in calls if kind in ("sparse", "onnx")}
         total = sum(obj.nbytes for obj in objs.values())
         if any(calls is None for calls in self.plans.values()):
             total += self._dense().nbytes
@@ -487,7 +493,8 @@ class HybridRunner:
                 row["dense_ms"] = {str(b): round(d * 1e3, 4) for b, (_, d) in self.costs[c.name].items()}
             layers.append(row)
         plans = {str(b): ("dense" if calls is None else " > ".join(
-            f"sparse:{obj.name}{'+relu' if relu else ''}" if kind == "sparse" else kind for kind, obj, relu in calls))
+            f"sparse:{obj.name}{'+relu' if relu else ''}{f'+pool{pool}' if pool != 1 else ''}" if kind == "sparse"
+            else kind for kind, obj, relu, pool in calls))
             for b, calls in sorted(self.plans.items())}
         out = {"kernel": self.kernel, "threads": self.threads, "layers": layers, "plans": plans,
                "sparse_layers": [{"name": c.name, "shape": [self.layers[c.name].out_features,
@@ -557,10 +564,11 @@ def interleaved_median(fns: dict[str, Any], seconds: float = 0.5, min_reps: int 
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def sweep(shape: tuple[int, int], sparsities, batches, threads: int, kernel: str = "torch",
-          seconds: float = 0.3, seed: int = 0) -> list[dict]:
+def sweep(shape: tuple[int, int], sparsities, batches, threads: int, kernel: str = "numba",
+          seconds: float = 0.3, seed: int = 0, levels: int | None = None) -> list[dict]:
     """Dense onnxruntime Gemm vs the sparse kernel on one layer shape (out, in), per sparsity and
-    batch size. Rows: sparsity, batch, dense_s, sparse_s, speedup (dense time / sparse time)."""
+    batch size; ``levels``: share the non-zeros to that many values first (a codebook). Rows:
+    sparsity, batch, dense_s, sparse_s, speedup (dense time / sparse time)."""
     from dcomp.runtime.runner import ort_session
 
     out_f, in_f = int(shape[0]), int(shape[1])
@@ -568,7 +576,11 @@ def sweep(shape: tuple[int, int], sparsities, batches, threads: int, kernel: str
     rows = []
     rng = np.random.default_rng(seed)
     for s in sparsities:
-        sl = SparseLinear(random_sparse_weight(out_f, in_f, float(s), seed), None, kernel, threads=threads)
+        w = random_sparse_weight(out_f, in_f, float(s), seed)
+        if levels:
+            book = torch.linspace(-3.0, 3.0, int(levels))
+            w = torch.where(w != 0, book[torch.bucketize(w.clamp(-3, 3), (book[1:] + book[:-1]) / 2)], w)
+        sl = SparseLinear(w, None, kernel, threads=threads)
         for b in batches:
             x = rng.standard_normal((int(b), in_f), dtype=np.float32)
             med = interleaved_median({"dense": lambda: dense.run(None, {"x": x}), "sparse": lambda: sl(x)}, seconds)
