@@ -346,6 +346,9 @@ class HybridRunner:
             self.plans[b] = self._build(chosen) if chosen else None
         if calibrate and costs is None:
             self._verify_plans(calib_seconds * 4, log)
+        if any(calls is None for calls in self.plans.values()):
+            self._dense()
+        self._by_batch: dict[int, Any] = {}
         self.model_bytes = self._model_bytes()
 
     # -- building
@@ -466,9 +469,12 @@ class HybridRunner:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        calls = self.plans[nearest_batch(x.shape[0], self.plans)]
+        b = x.shape[0]
+        calls = self._by_batch.get(b, _MISSING)
+        if calls is _MISSING:
+            calls = self._by_batch[b] = self.plans[nearest_batch(b, self.plans)]
         if calls is None:
-            return self._dense()(x)
+            return self._dense_sess(x)
         out = self._run_calls(calls, x)
         return out.copy() if calls[-1][0] in ("sparse", "pool") else out
 
@@ -512,6 +518,9 @@ class HybridRunner:
             out["plan_check_ms"] = {str(b): {"hybrid": round(h * 1e3, 4), "dense": round(d * 1e3, 4)}
                                     for b, (h, d) in self.plan_costs.items()}
         return out
+
+
+_MISSING = object()
 
 
 class _OrtCall:
