@@ -20,8 +20,8 @@ def bench(
                                                                        "the reference for speed")] = None,
     batch: Annotated[str, typer.Option("--batch", help="batch sizes, comma separated")] = "1,8,64",
     variants: Annotated[str, typer.Option("--variants", help="any of dense,shrunk,sparse,hybrid")] = "dense,shrunk,sparse,hybrid",
-    kernel: Annotated[str, typer.Option("--kernel", help="sparse kernel of the hybrid path: torch (CSR; fastest on an idle machine) or numba (CSR, dynamic row chunks; steadier when cores are contended)")] = "torch",
-    min_sparsity: Annotated[float, typer.Option("--min-sparsity", help="hybrid: run a Linear layer sparse from this fraction of zeros")] = 0.5,
+    kernel: Annotated[str, typer.Option("--kernel", help="sparse kernel of the hybrid path: numba (compiled sparse-codebook kernel, Linear and Conv2d) or torch (torch CSR, Linear only; stalls when cores are contended)")] = "numba",
+    min_sparsity: Annotated[float, typer.Option("--min-sparsity", help="hybrid: consider a Linear/Conv2d layer for the sparse kernel from this fraction of zeros (a calibration then decides per layer)")] = 0.5,
     warmup: Annotated[int, typer.Option("--warmup", help="untimed calls per target and batch size")] = 10,
     iters: Annotated[int, typer.Option("--iters", help="timed calls per target and batch size (at most)")] = 100,
     seconds: Annotated[float, typer.Option("--seconds", help="time budget per target and batch size")] = 2.0,
@@ -98,6 +98,7 @@ def render(c, s: dict) -> None:
     c.print(f"[dim]mem: {s['memory_how']}; size of a hybrid target: its ONNX segments + CSR arrays[/dim]")
     for n in s.get("notes", []):
         c.print(f"note: {n}")
+    _render_hybrid_choice(c, s)
     sw = s.get("sweep")
     if sw:
         st = Table(title=f"sparse {sw['kernel']} CSR kernel vs dense onnxruntime Gemm, one layer (random masks)",
@@ -112,3 +113,25 @@ def render(c, s: dict) -> None:
             parts = [f"batch {b}: " + (f"{v:.0%}" if v is not None else "never (dense always faster)")
                      for b, v in per_batch.items()]
             c.print(f"break-even sparsity for {shape}: " + ", ".join(parts))
+
+
+def _render_hybrid_choice(c, s: dict) -> None:
+    """Which prunable layers the hybrid target runs sparse, per batch size, and the measured costs."""
+    hy = next((tg for tg in s["targets"] if tg["variant"] == "hybrid"), None)
+    if hy is None or not hy["info"].get("layers"):
+        return
+    info = hy["info"]
+    t = Table(title="hybrid: per-layer choice (calibrated at load: sparse kernel ms / dense onnxruntime ms)",
+              title_justify="left")
+    batches = sorted({b for lay in info["layers"] for b in lay["choice"]}, key=int)
+    for col in ("layer", "kind", "sparsity", *[f"batch {b}" for b in batches]):
+        t.add_column(col, justify="left" if col in ("layer", "kind") or col.startswith("batch") else "right")
+    for lay in info["layers"]:
+        cells = []
+        for b in batches:
+            cost = ""
+            if "sparse_ms" in lay and b in lay["sparse_ms"]:
+                cost = f" ({lay['sparse_ms'][b]:.3f} / {lay['dense_ms'][b]:.3f})"
+            cells.append(lay["choice"].get(b, "") + cost)
+        t.add_row(lay["name"], lay["kind"], f"{lay['sparsity']:.0%}", *cells)
+    c.print(t)

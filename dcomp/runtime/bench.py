@@ -46,7 +46,7 @@ class BenchConfig(BaseModel):
     warmup: int = 10
     iters: int = 100
     seconds: float = 2.0
-    kernel: Literal["torch", "numba"] = "torch"
+    kernel: Literal["torch", "numba"] = "numba"
     min_sparsity: float = 0.5
     eager: bool = True
     sweep: bool = True
@@ -256,7 +256,7 @@ def build_targets(ckpt: Checkpoint, baseline: Checkpoint | None, cfg: BenchConfi
                              "same file as dense")
             targets.append(t)
         elif v == "hybrid":
-            log(f"building the hybrid sparse path ({cfg.kernel} CSR kernel)")
+            log(f"building the hybrid sparse path ({cfg.kernel} kernel, calibrating each prunable layer)")
             try:
                 t = _build(lambda: _hybrid_target(model, ckpt, cfg, threads), x_first)
             except DcompError as e:
@@ -287,8 +287,12 @@ def _warm_engines(threads: int, kernel: str | None) -> None:
 def _hybrid_target(model, ckpt, cfg, threads) -> Target:
     from dcomp.runtime.sparse import HybridRunner
 
-    h = HybridRunner(model, ckpt.input_shape, threads, kernel=cfg.kernel, min_sparsity=cfg.min_sparsity)
-    return Target("hybrid", f"onnxruntime + {cfg.kernel} CSR", "hybrid", h, "model", h.model_bytes, info=h.describe())
+    # calibrated at the batch sizes timed: info["layers"][i]["choice"] says, per batch size, whether
+    # each prunable layer runs sparse or dense (and info["plans"] what runs)
+    h = HybridRunner(model, ckpt.input_shape, threads, kernel=cfg.kernel, min_sparsity=cfg.min_sparsity,
+                     calibrate=cfg.batches)
+    engine = "onnxruntime + " + ("sparse-codebook kernel" if cfg.kernel == "numba" else "torch CSR")
+    return Target("hybrid", engine, "hybrid", h, "model", h.model_bytes, info=h.describe())
 
 
 # ---- timing ---------------------------------------------------------------------------------------

@@ -1,34 +1,34 @@
-"""The hybrid sparse path: onnxruntime runs the dense parts of a model, a compiled CSR kernel runs
-its pruned Linear layers.
+"""The hybrid sparse path: a compiled sparse-codebook kernel runs a model's pruned Linear and Conv2d
+layers, onnxruntime runs the rest, and a short calibration at load decides, per layer and batch
+size, which of the two runs each prunable layer.
 
 Why: onnxruntime densifies sparse initializers when it loads them and its sparse contrib op is
-slower than dense MatMul, and a custom op cannot carry a fast path here (see design.md). So the
-model is cut at its sparse Linear layers:
+slower than dense MatMul, and a custom op cannot carry a fast path here (see design.md). So:
 
-    torch.fx traces the model; a Linear whose weight is at least ``min_sparsity`` zeros becomes
-    a cut point when nothing else stays alive across it (no skip connection jumps over it);
-    the nodes between two cuts become a sub-model exported to ONNX (one onnxruntime session
-    each); a cut runs as ``y = W_csr @ x + b`` in the chosen kernel.
+    torch.fx traces the model; a Linear or Conv2d (groups 1, zero padding) that is at least
+    ``min_sparsity`` zeros is a *candidate* when nothing else stays alive across it (no skip
+    connection jumps over it);
+    calibration (``calibrate``): each candidate is timed at each batch size as the sparse kernel
+    (dcomp.runtime.kernels) and as a one-layer onnxruntime session; ``choose_layers`` runs a layer
+    sparse only where its measured cost is lower (a measured cost model, no fixed threshold);
+    the chosen layers become cut points; the pieces between two cuts run natively when they are
+    only ReLU / Flatten / MaxPool(k, stride k) (ReLU fused into the kernel before it), otherwise
+    as a sub-model exported to ONNX (one onnxruntime session each);
+    finally the whole hybrid plan is timed against the whole dense model at each batch size and
+    ``choose_plan`` keeps the dense model where the hybrid one is not faster, so the hybrid
+    runner is never slower than dense onnxruntime beyond timing noise.
 
-For an MLP that makes the whole model a chain of sparse layers with tiny onnxruntime sessions
-(ReLU, Flatten) between them; for a convnet only its classifier layers go sparse. Kernels:
-
-    torch   torch.sparse.mm on a CSR tensor, no compile step; it parallelises with OpenMP,
-            whose static split stalls for a scheduler tick whenever one of its threads is
-            descheduled (measured 20+ ms per call on 2 busy cores), so it is not the default
-    numba   a serial CSR kernel compiled with numba (nogil; first use compiles, ~1-2 s), run on
-            row chunks balanced by non-zeros that the caller and sleeping helper threads take
-            dynamically (ChunkPool), so a descheduled thread never stalls a call
-
-Whether this is faster than dense onnxruntime depends on sparsity, layer shape and batch size;
-``sweep`` measures exactly that and ``break_even`` reads the answer off it.
+Kernels: ``numba`` (default; dcomp.runtime.kernels: uint16 columns + uint8 codebook indices,
+dynamic row chunks on sleeping helper threads, Linear and Conv2d) and ``torch`` (torch.sparse.mm on
+a CSR tensor, Linear only; kept for comparison: its OpenMP split stalls for a scheduler tick
+whenever one of its threads is descheduled, 20+ ms per call measured on 2 busy cores).
 """
 
 from __future__ import annotations
 
-import warnings
-
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,236 +37,105 @@ import torch
 from torch import nn
 
 from dcomp.errors import DcompError, UsageError
+from dcomp.runtime.kernels import ChunkPool, MaxPool, SparseConv2d, chunk_pool, row_chunks  # noqa: F401
+from dcomp.runtime.kernels import SparseLinear as KernelLinear
 
-KERNELS = ("torch", "numba")
-# Below SMALL_WORK / 4 multiply-adds the numba kernel runs on the calling thread only.
-SMALL_WORK = 1 << 20
-
-
-# ---- kernels ------------------------------------------------------------------------------------
-
-_numba_kernels: dict[str, Any] = {}
-
-
-def _numba():
-    """Compile the numba CSR kernels on first use. They are serial and release the GIL; the
-    parallelism comes from ChunkPool, which hands out row chunks dynamically."""
-    if _numba_kernels:
-        return _numba_kernels
-    try:
-        from numba import njit
-    except ImportError:
-        raise UsageError("--kernel numba needs the numba package; use --kernel torch") from None
-
-    @njit(nogil=True, fastmath=True, cache=False)
-    def csr_mv(rowptr, cols, vals, bias, x, y, r0, r1):  # x: (in,), y: (out,), rows [r0, r1)
-        for i in range(r0, r1):
-            # four accumulators: one chain of dependent adds would bound the loop by FP latency
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            k = rowptr[i]
-            end = rowptr[i + 1]
-            while k + 4 <= end:
-                a0 += vals[k] * x[cols[k]]
-                a1 += vals[k + 1] * x[cols[k + 1]]
-                a2 += vals[k + 2] * x[cols[k + 2]]
-                a3 += vals[k + 3] * x[cols[k + 3]]
-                k += 4
-            while k < end:
-                a0 += vals[k] * x[cols[k]]
-                k += 1
-            y[i] = bias[i] + ((a0 + a1) + (a2 + a3))
-
-    @njit(nogil=True, fastmath=True, cache=False)
-    def csr_mm(rowptr, cols, vals, bias, xt, yt, r0, r1):  # xt: (in, B), yt: (out, B)
-        nb = xt.shape[1]
-        for i in range(r0, r1):
-            for b in range(nb):
-                yt[i, b] = bias[i]
-            for k in range(rowptr[i], rowptr[i + 1]):
-                v = vals[k]
-                c = cols[k]
-                for b in range(nb):
-                    yt[i, b] += v * xt[c, b]
-
-    _numba_kernels.update(mv=csr_mv, mm=csr_mm)
-    return _numba_kernels
+KERNELS = ("numba", "torch")
+# A sparse layer must beat its dense cost by this factor to be chosen: timing noise on a loaded
+# machine is +-10-30%, and a wrong "sparse" costs more than a wrong "dense" (the fallback exists).
+DEFAULT_MARGIN = 1.1
+# Calibration compares the 25th percentile of interleaved timings, not the median: on a loaded
+# machine preemption adds long, random delays to single calls (both kinds alike), and a median of a
+# few calls can still land on one (measured: a 0.8 ms layer timed at 5.4 ms and run dense).
+CALIB_QUANTILE = 25.0
 
 
-class ChunkPool:
-    """Run ``fn(r0, r1)`` over a list of row chunks with ``threads`` threads: the caller and
-    ``threads - 1`` sleeping helpers take chunks from a shared counter until none is left.
+# ---- the torch CSR kernel (for comparison) ---------------------------------------------------------
 
-    Why not numba's prange or OpenMP: they split the rows statically, so on a loaded machine
-    one descheduled thread stalls the whole call for a scheduler tick (measured 10-20 ms on
-    a 0.5 ms layer with 2 cores and other jobs running). Here a helper that is not running
-    simply takes no chunk, and the caller does the work."""
+class TorchCSRLinear:
+    """``y = x @ W.T + b`` by torch.sparse.mm on a CSR tensor (Linear layers only)."""
 
-    def __init__(self, threads: int):
-        import threading
+    kind = "linear"
 
-        self.threads = max(1, int(threads))
-        self._cv = threading.Condition()
-        self._gen = 0
-        self._job: dict | None = None
-        for _ in range(self.threads - 1):
-            threading.Thread(target=self._helper, daemon=True, name="dcomp-csr").start()
-
-    def _helper(self):
-        seen = 0
-        while True:
-            with self._cv:
-                while self._gen == seen:
-                    self._cv.wait()
-                seen, job = self._gen, self._job
-            self._work(job)
-
-    def _work(self, job):
-        chunks, fn = job["chunks"], job["fn"]
-        while True:
-            with self._cv:
-                i = job["next"]
-                if i >= len(chunks):
-                    return
-                job["next"] = i + 1
-            try:
-                fn(*chunks[i])
-            except BaseException as e:  # noqa: BLE001 - handed to the caller, never lost in a helper
-                job["error"] = e
-            finally:
-                with self._cv:
-                    job["done"] += 1
-                    if job["done"] == len(chunks):
-                        self._cv.notify_all()
-
-    def run(self, fn, chunks: list[tuple[int, int]]) -> None:
-        if self.threads == 1 or len(chunks) == 1:
-            for c in chunks:
-                fn(*c)
-            return
-        job = {"fn": fn, "chunks": chunks, "next": 0, "done": 0}
-        with self._cv:
-            self._job = job
-            self._gen += 1
-            self._cv.notify_all()
-        self._work(job)
-        with self._cv:
-            while job["done"] < len(chunks):
-                self._cv.wait()
-        if job.get("error") is not None:
-            raise job["error"]
-
-
-_pools: dict[int, ChunkPool] = {}
-
-
-def chunk_pool(threads: int) -> ChunkPool:
-    threads = max(1, int(threads))
-    if threads not in _pools:
-        _pools[threads] = ChunkPool(threads)
-    return _pools[threads]
-
-
-def row_chunks(rowptr: np.ndarray, n: int) -> list[tuple[int, int]]:
-    """Split rows into ``n`` ranges holding about equal numbers of non-zeros."""
-    rows = rowptr.shape[0] - 1
-    cuts = np.searchsorted(rowptr, np.linspace(0, rowptr[-1], n + 1)[1:-1]).tolist()
-    bounds = sorted(set([0, *[min(max(c, 0), rows) for c in cuts], rows]))
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-
-class SparseLinear:
-    """``y = x @ W.T + b`` with W (out, in) held in CSR; x is a float32 array (..., in)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "torch", name: str = "",
-                 threads: int | None = None):
-        if kernel not in KERNELS:
-            raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-        w = weight.detach().to(torch.float32).contiguous()
+    def __init__(self, weight, bias, threads: int = 1, name: str = ""):
+        w = torch.as_tensor(np.asarray(weight, np.float32))
         self.name = name
-        self.kernel = kernel
         self.out_features, self.in_features = int(w.shape[0]), int(w.shape[1])
         self.nnz = int(torch.count_nonzero(w))
         self.sparsity = 1.0 - self.nnz / max(w.numel(), 1)
-        b = torch.zeros(self.out_features) if bias is None else bias.detach().to(torch.float32).contiguous()
-        self.bias_t = b
+        self.bias_t = torch.zeros(self.out_features) if bias is None else torch.as_tensor(np.asarray(bias, np.float32))
         with warnings.catch_warnings():  # torch calls its CSR support "beta" on every conversion
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            csr = w.to_sparse_csr()
-        if kernel == "torch":
-            self.csr = csr
-        else:
-            k = _numba()
-            self.rowptr = csr.crow_indices().to(torch.int32).numpy()
-            # int16 column indices where they fit: 6 bytes per non-zero instead of 8 (the kernel
-            # streams values and indices from memory; measured 20% faster at 4096x4096, 95%)
-            self.cols = csr.col_indices().numpy().astype(np.int16 if self.in_features <= 32767 else np.int32)
-            self.vals = csr.values().numpy()
-            self.bias = b.numpy()
-            self._mv, self._mm = k["mv"], k["mm"]
-            self.pool = chunk_pool(threads if threads else torch.get_num_threads())
-            # about 4 chunks per thread, none under ~16k non-zeros (Python hands out each chunk)
-            n = max(1, min(4 * self.pool.threads, self.nnz // 16384))
-            self.chunks = row_chunks(self.rowptr, n) if self.out_features else []
-            self(np.zeros((1, self.in_features), np.float32))  # compile now, not inside a timing
-            self(np.zeros((2, self.in_features), np.float32))
+            self.csr = w.to_sparse_csr()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the CSR arrays and bias as this kernel holds them."""
-        if self.kernel == "torch":
-            return self.nnz * (4 + 8) + (self.out_features + 1) * 8 + self.out_features * 4
-        return self.nnz * (4 + self.cols.itemsize) + (self.out_features + 1) * 4 + self.out_features * 4
+        return self.nnz * (4 + 8) + (self.out_features + 1) * 8 + self.out_features * 4
 
-    def _run(self, fn, batch: int) -> None:
-        if self.nnz * batch < SMALL_WORK // 4:  # too little work to share
-            fn(0, self.out_features)
-        else:
-            self.pool.run(fn, self.chunks)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "torch":
-            xt = torch.from_numpy(x2)
-            with torch.inference_mode():
-                y = torch.sparse.mm(self.csr, xt.t()).t().add_(self.bias_t)
-            out = y.contiguous().numpy()
-        elif x2.shape[0] == 1:
-            out = np.empty((1, self.out_features), np.float32)
-            xv, yv = np.ascontiguousarray(x2[0]), out[0]
-            rp, ci, va, bi, mv = self.rowptr, self.cols, self.vals, self.bias, self._mv
-            self._run(lambda r0, r1: mv(rp, ci, va, bi, xv, yv, r0, r1), 1)
-        else:
-            yt = np.empty((self.out_features, x2.shape[0]), np.float32)
-            xt = np.ascontiguousarray(x2.T)
-            rp, ci, va, bi, mm = self.rowptr, self.cols, self.vals, self.bias, self._mm
-            self._run(lambda r0, r1: mm(rp, ci, va, bi, xt, yt, r0, r1), x2.shape[0])
-            out = yt.T
-        return np.ascontiguousarray(out).reshape(*lead, self.out_features)
+    def __call__(self, x: np.ndarray, relu: bool = False) -> np.ndarray:
+        x2 = torch.from_numpy(np.ascontiguousarray(x.reshape(x.shape[0], -1), np.float32))
+        with torch.inference_mode():
+            y = torch.sparse.mm(self.csr, x2.t()).t().add_(self.bias_t)
+            if relu:
+                y.clamp_(min=0)
+        return y.contiguous().numpy()
 
 
-# ---- cutting a model at its sparse Linear layers -----------------------------------------------
+def SparseLinear(weight, bias, kernel: str = "numba", name: str = "", threads: int | None = None):
+    """One sparse Linear layer in the chosen kernel: ``layer(x (B, in)) -> (B, out)``."""
+    if kernel not in KERNELS:
+        raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    w = weight.detach().float().numpy() if isinstance(weight, torch.Tensor) else np.asarray(weight, np.float32)
+    b = None if bias is None else (bias.detach().float().numpy() if isinstance(bias, torch.Tensor) else np.asarray(bias))
+    threads = int(threads) if threads else torch.get_num_threads()
+    if kernel == "torch":
+        return TorchCSRLinear(w, b, threads, name)
+    return KernelLinear(w, b, threads=threads, name=name)
+
+
+# ---- candidates and plans ------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    """A prunable layer the hybrid runner can cut the model at."""
+
+    name: str
+    kind: str                 # "linear" | "conv"
+    sparsity: float
+    in_shape: tuple           # without batch
+    out_shape: tuple
+
 
 @dataclass
 class Plan:
-    """What the hybrid runner will run: ("onnx", sub-module, input shape) and ("sparse", layer name)
-    steps in order, plus the sparse Linear layers that could not be cut and why."""
+    """What the hybrid runner may run: the traced model, its cuttable candidates, and the layers
+    it could not cut and why. ``steps(chosen)`` lays out one concrete plan."""
 
-    steps: list[tuple] = field(default_factory=list)
+    gm: Any = None
+    candidates: list[Candidate] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    shapes: dict = field(default_factory=dict)
 
     @property
     def sparse_layers(self) -> list[str]:
-        return [s[1] for s in self.steps if s[0] == "sparse"]
+        return [c.name for c in self.candidates]
 
 
-def plan_hybrid(model: nn.Module, input_shape, min_sparsity: float = 0.5) -> Plan:
-    """Trace ``model`` with torch.fx and cut it at each Linear layer that is at least
+def _conv_supported(m: nn.Conv2d) -> str | None:
+    if m.groups != 1:
+        return "grouped convolution"
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        return f"padding {m.padding!r} / {m.padding_mode}"
+    if m.stride[0] != m.stride[1]:
+        return "unequal strides"
+    return None
+
+
+def plan_hybrid(model: nn.Module, input_shape, min_sparsity: float = 0.3) -> Plan:
+    """Trace ``model`` with torch.fx and list the Linear/Conv2d layers that are at least
     ``min_sparsity`` zeros and that no other value lives across."""
     import torch.fx as fx
+    from torch.fx.passes.shape_prop import ShapeProp
 
     try:
         gm = fx.symbolic_trace(model)
@@ -274,40 +143,90 @@ def plan_hybrid(model: nn.Module, input_shape, min_sparsity: float = 0.5) -> Pla
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DcompError(f"the hybrid sparse path cannot trace this model with torch.fx ({first}); "
                          f"use the dense or sparse ONNX variants") from None
+    with torch.no_grad():
+        ShapeProp(gm).propagate(torch.zeros(2, *[int(s) for s in input_shape]))
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    plan = Plan()
-    cuts = []
+    plan = Plan(gm=gm)
+    for n in nodes:
+        meta = n.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            plan.shapes[n.name] = tuple(int(s) for s in meta.shape[1:])
     for n in nodes:
         if n.op != "call_module":
             continue
         mod = gm.get_submodule(n.target)
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue
         sparsity = 1.0 - int(torch.count_nonzero(mod.weight)) / mod.weight.numel()
         if sparsity < min_sparsity:
             continue
         p = pos[n]
         live = [m.name for m in nodes[:p] if any(pos[u] > p for u in m.users)]
+        why = _conv_supported(mod) if isinstance(mod, nn.Conv2d) else None
         if len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
-            plan.skipped.append({"layer": n.target, "sparsity": sparsity, "why": "called with extra arguments"})
+            why = "called with extra arguments"
         elif live:
-            plan.skipped.append({"layer": n.target, "sparsity": sparsity,
-                                 "why": f"values live across it ({', '.join(live[:3])}): a skip connection"})
-        else:
-            cuts.append(n)
-    placeholder = next(n for n in nodes if n.op == "placeholder")
-    output = next(n for n in nodes if n.op == "output")
-    start = placeholder
-    for cut in cuts + [None]:
-        end_value = cut.args[0] if cut is not None else output.args[0]
-        hi = pos[cut] if cut is not None else pos[output]
-        if end_value is not start:
-            plan.steps.append(("onnx", _segment(gm, nodes[pos[start] + 1:hi], start, end_value)))
-        if cut is not None:
-            plan.steps.append(("sparse", str(cut.target)))
-            start = cut
-    return _with_shapes(plan, gm, input_shape)
+            why = f"values live across it ({', '.join(live[:3])}): a skip connection"
+        if why:
+            plan.skipped.append({"layer": str(n.target), "sparsity": sparsity, "why": why})
+            continue
+        plan.candidates.append(Candidate(str(n.target), "linear" if isinstance(mod, nn.Linear) else "conv", sparsity,
+                                         plan.shapes[n.args[0].name], plan.shapes[n.name]))
+    return plan
+
+
+def _native_op(gm, n) -> tuple | None:
+    """("relu",), ("flatten",), ("pool", k) or ("id",) for a node the runner does itself; else None."""
+    import operator
+
+    import torch.nn.functional as F
+
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.ReLU):
+            return ("relu",)
+        if isinstance(m, (nn.Dropout, nn.Identity)):
+            return ("id",)
+        if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+            return ("flatten",)
+        if isinstance(m, nn.MaxPool2d):
+            k, s = m.kernel_size, m.stride
+            k = k if isinstance(k, int) else (k[0] if k[0] == k[1] else None)
+            s = s if isinstance(s, int) else (s[0] if s[0] == s[1] else None)
+            pad = m.padding if isinstance(m.padding, int) else max(m.padding)
+            dil = m.dilation if isinstance(m.dilation, int) else max(m.dilation)
+            if k and k == s and pad == 0 and dil == 1 and not m.ceil_mode and not m.return_indices:
+                return ("pool", int(k))
+        return None
+    if n.op == "call_function":
+        if n.target in (torch.relu, F.relu) and len(n.args) == 1:
+            return ("relu",)
+        if n.target is torch.flatten and tuple(n.args[1:]) == (1,) and not n.kwargs:
+            return ("flatten",)
+        if n.target is operator.getitem:
+            return None
+    if n.op == "call_method":
+        if n.target == "relu" and len(n.args) == 1:
+            return ("relu",)
+        if n.target == "flatten" and tuple(n.args[1:]) == (1,) and not n.kwargs:
+            return ("flatten",)
+    return None
+
+
+def _native_segment(gm, seg_nodes, start) -> list[tuple] | None:
+    """The native ops of a segment if every node is one and they form a chain from ``start``."""
+    import torch.fx as fx
+
+    ops = []
+    prev = start
+    for n in seg_nodes:
+        op = _native_op(gm, n)
+        if op is None or not n.args or n.args[0] is not prev or any(isinstance(a, fx.Node) for a in n.args[1:]):
+            return None
+        ops.append(op)
+        prev = n
+    return ops
 
 
 def _segment(gm, seg_nodes, start, end_value):
@@ -321,74 +240,296 @@ def _segment(gm, seg_nodes, start, end_value):
     return fx.GraphModule(gm, g)
 
 
-def _with_shapes(plan: Plan, gm, input_shape) -> Plan:
-    """Record each ONNX segment's input shape (without batch) by running the steps once."""
-    x = torch.zeros(2, *[int(s) for s in input_shape])
-    steps = []
-    with torch.no_grad():
-        for step in plan.steps:
-            if step[0] == "onnx":
-                steps.append(("onnx", step[1], list(x.shape[1:])))
-                x = step[1](x)
+def layout_steps(plan: Plan, chosen: set[str]) -> list[tuple]:
+    """The steps that run ``plan`` with the layers in ``chosen`` sparse, in order:
+    ("onnx", sub-module, input shape), ("native", ops, input shape) and ("sparse", layer name)."""
+    gm = plan.gm
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    cuts = [n for n in nodes if n.op == "call_module" and str(n.target) in chosen]
+    placeholder = next(n for n in nodes if n.op == "placeholder")
+    output = next(n for n in nodes if n.op == "output")
+    steps: list[tuple] = []
+    start = placeholder
+    for cut in cuts + [None]:
+        end_value = cut.args[0] if cut is not None else output.args[0]
+        hi = pos[cut] if cut is not None else pos[output]
+        if end_value is not start:
+            seg = nodes[pos[start] + 1:hi]
+            in_shape = plan.shapes[start.name]
+            ops = _native_segment(gm, seg, start)
+            if ops is not None and seg and seg[-1] is end_value:
+                steps.append(("native", ops, in_shape))
             else:
-                steps.append(step)
-                x = gm.get_submodule(step[1])(x)
-    plan.steps = steps
-    return plan
+                steps.append(("onnx", _segment(gm, seg, start, end_value), in_shape))
+        if cut is not None:
+            steps.append(("sparse", str(cut.target)))
+            start = cut
+    return steps
 
+
+# ---- the decision --------------------------------------------------------------------------------
+
+def choose_layers(costs: dict[str, dict[int, tuple[float, float]]], margin: float = DEFAULT_MARGIN
+                  ) -> dict[int, dict[str, str]]:
+    """Per batch size and layer, "sparse" where the sparse kernel's measured cost times ``margin``
+    is below the dense cost, else "dense". ``costs[layer][batch] = (sparse_s, dense_s)``."""
+    out: dict[int, dict[str, str]] = {}
+    for layer, per in costs.items():
+        for b, (sparse_s, dense_s) in per.items():
+            out.setdefault(int(b), {})[layer] = "sparse" if sparse_s * margin < dense_s else "dense"
+    return out
+
+
+def choose_plan(hybrid_s: float, dense_s: float, margin: float = 1.0) -> str:
+    """"hybrid" if the whole hybrid plan measured faster than the whole dense model, else "dense"."""
+    return "hybrid" if hybrid_s * margin < dense_s else "dense"
+
+
+def nearest_batch(batch: int, calibrated) -> int:
+    """The calibrated batch size closest to ``batch`` on a log scale (ties: the larger)."""
+    return min(calibrated, key=lambda c: (abs(math.log2(c) - math.log2(max(batch, 1))), -c))
+
+
+# ---- the runner -----------------------------------------------------------------------------------
 
 class HybridRunner:
-    """Runs a Plan: onnxruntime sessions for the dense segments, SparseLinear for the cuts."""
+    """Runs a model with its chosen sparse layers in the compiled kernel and the rest in
+    onnxruntime; ``run(x)`` picks the plan calibrated for the nearest batch size.
+
+    ``calibrate``: batch sizes to calibrate for (default 1, 8, 64); ``None`` or empty: no
+    calibration, every candidate runs sparse (what the tests of the kernels use). ``costs``: inject
+    per-layer costs instead of measuring (``{layer: {batch: (sparse_s, dense_s)}}``).
+
+    One call at a time: the layers reuse their buffers between calls (no per-call allocation), so
+    a runner must not be called from two threads at once (build one runner per thread)."""
 
     kind = "hybrid"
 
-    def __init__(self, model: nn.Module, input_shape, threads: int, kernel: str = "torch",
-                 min_sparsity: float = 0.5, name: str = "hybrid", plan: Plan | None = None):
+    def __init__(self, model: nn.Module, input_shape, threads: int, kernel: str = "numba",
+                 min_sparsity: float = 0.3, name: str = "hybrid", plan: Plan | None = None,
+                 calibrate: list[int] | tuple[int, ...] | None = (1, 8, 64), calib_seconds: float = 0.05,
+                 margin: float = DEFAULT_MARGIN, costs: dict | None = None, log=None):
         from dcomp.formats.onnx_export import export_module
         from dcomp.runtime.runner import ort_session
 
-        self.name = name
-        self.kernel = kernel
+        if kernel not in KERNELS:
+            raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.name, self.kernel, self.threads = name, kernel, max(1, int(threads))
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.model = model.eval()
         self.plan = plan or plan_hybrid(model, input_shape, min_sparsity)
-        if not self.plan.sparse_layers:
+        if kernel == "torch":
+            for c in [c for c in self.plan.candidates if c.kind != "linear"]:
+                self.plan.skipped.append({"layer": c.name, "sparsity": c.sparsity, "why": "the torch kernel runs Linear only"})
+            self.plan.candidates = [c for c in self.plan.candidates if c.kind == "linear"]
+        if not self.plan.candidates:
             why = "; ".join(f"{s['layer']}: {s['why']}" for s in self.plan.skipped)
-            raise DcompError(f"no Linear layer is at least {min_sparsity:.0%} zeros and cuttable, so the hybrid path "
-                             f"has nothing to run sparse{' (' + why + ')' if why else ''}")
-        self.calls = []
-        self.model_bytes = 0
-        self.layers: list[SparseLinear] = []
-        for step in self.plan.steps:
-            if step[0] == "onnx":
-                data = export_module(step[1], step[2], input_name="x", output_name="y")
-                sess = ort_session(data, threads)
-                self.model_bytes += len(data)
-                self.calls.append(_ort_call(sess))
+            raise DcompError(f"no Linear or Conv2d layer is at least {min_sparsity:.0%} zeros and cuttable, so the hybrid "
+                             f"path has nothing to run sparse{' (' + why + ')' if why else ''}")
+        self._export, self._session = export_module, ort_session
+        self.layers = {c.name: self._make_layer(c) for c in self.plan.candidates}
+        self._dense_sess = None
+        self._step_cache: dict = {}
+        self.costs: dict[str, dict[int, tuple[float, float]]] = {}
+        self.plan_costs: dict[int, tuple[float, float]] = {}
+        names = [c.name for c in self.plan.candidates]
+        if costs is not None or calibrate:
+            batches = sorted({int(b) for b in (calibrate or [])} | {int(b) for per in (costs or {}).values() for b in per})
+            self.costs = costs if costs is not None else self._measure_layers(batches, calib_seconds, log)
+            self.choice = choose_layers(self.costs, margin)
+        else:
+            self.choice = {1: {n: "sparse" for n in names}}
+        self.plans: dict[int, list | None] = {}
+        for b, per in self.choice.items():
+            chosen = {n for n, v in per.items() if v == "sparse"}
+            self.plans[b] = self._build(chosen) if chosen else None
+        if calibrate and costs is None:
+            self._verify_plans(calib_seconds * 4, log)
+        if any(calls is None for calls in self.plans.values()):
+            self._dense()
+        self._by_batch: dict[int, Any] = {}
+        self.model_bytes = self._model_bytes()
+
+    # -- building
+    def _make_layer(self, c: Candidate):
+        m = self.model.get_submodule(c.name)
+        w = m.weight.detach().float().numpy()
+        b = None if m.bias is None else m.bias.detach().float().numpy()
+        if c.kind == "linear":
+            return SparseLinear(w, b, self.kernel, name=c.name, threads=self.threads)
+        return SparseConv2d(w, b, c.in_shape[1:], m.stride, m.padding, m.dilation, threads=self.threads, name=c.name)
+
+    def _build(self, chosen: set[str]) -> list:
+        key = frozenset(chosen)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        calls = []
+        before = None  # the sparse layer just before a native segment: it can take the ReLU and a max-pool
+        for step in layout_steps(self.plan, chosen):
+            if step[0] == "sparse":
+                calls.append(["sparse", self.layers[step[1]], False, 1])
+                before = calls[-1]
+            elif step[0] == "native":
+                ops = [o for o in step[1] if o[0] != "id"]
+                relu = any(o[0] == "relu" for o in ops)
+                ops = [o for o in ops if o[0] != "relu"]  # ReLU commutes with flatten and max-pool
+                can_fuse = before is not None and (self.kernel == "numba" or before[1].kind == "linear")
+                if relu and can_fuse:
+                    before[2], relu = True, False
+                shape = step[2]
+                if (ops and ops[0][0] == "pool" and can_fuse and before[1].kind == "conv"
+                        and before[1].stride == 1):
+                    before[3] = ops[0][1]  # max-pool fused into the convolution's write-out
+                    shape = (shape[0], shape[1] // ops[0][1], shape[2] // ops[0][1])
+                    ops = ops[1:]
+                for o in ops:
+                    if o[0] == "pool":
+                        pool = MaxPool(o[1], shape, relu=relu)
+                        relu = False
+                        calls.append(["pool", pool, False, 1])
+                        shape = pool.out_shape(shape)
+                    else:
+                        calls.append(["flatten", None, False, 1])
+                        shape = (math.prod(shape),)
+                if relu:
+                    calls.append(["relu", None, False, 1])
+                before = None
             else:
-                lin = model.get_submodule(step[1])
-                sl = SparseLinear(lin.weight, lin.bias, kernel, name=step[1], threads=threads)
-                self.layers.append(sl)
-                self.model_bytes += sl.nbytes
-                self.calls.append(sl)
+                data = self._export(step[1], step[2], input_name="x", output_name="y")
+                calls.append(["onnx", _OrtCall(self._session(data, self.threads), len(data)), False, 1])
+                before = None
+        self._step_cache[key] = calls
+        return calls
 
-    def describe(self) -> dict:
-        return {"kernel": self.kernel,
-                "steps": [s[0] if s[0] == "onnx" else f"sparse:{s[1]}" for s in self.plan.steps],
-                "sparse_layers": [{"name": s.name, "shape": [s.out_features, s.in_features],
-                                   "sparsity": round(s.sparsity, 4)} for s in self.layers],
-                "not_cut": self.plan.skipped}
+    def _dense(self):
+        if self._dense_sess is None:
+            data = self._export(self.model, self.input_shape, input_name="x", output_name="y")
+            self._dense_sess = _OrtCall(self._session(data, self.threads), len(data))
+        return self._dense_sess
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        for call in self.calls:
-            x = call(x)
+    # -- calibration
+    def _measure_layers(self, batches, seconds, log) -> dict:
+        costs: dict[str, dict[int, tuple[float, float]]] = {}
+        rng = np.random.default_rng(0)
+        for c in self.plan.candidates:
+            if log:
+                log(f"calibrating {c.name}")
+            sub = self.model.get_submodule(c.name)
+            sess = self._session(self._export(sub, c.in_shape, input_name="x", output_name="y"), self.threads)
+            layer = self.layers[c.name]
+            costs[c.name] = {}
+            for b in batches:
+                x = rng.standard_normal((b, *c.in_shape), dtype=np.float32)
+                med = interleaved_median({"sparse": lambda: layer(x), "dense": lambda: sess.run(None, {"x": x})},
+                                         seconds, min_reps=9, max_reps=200, warmup=2, quantile=CALIB_QUANTILE)
+                costs[c.name][b] = (med["sparse"], med["dense"])
+        return costs
+
+    def _verify_plans(self, seconds, log, max_tries: int = 4) -> None:
+        """Time each batch size's hybrid plan against the whole dense model. Where it is not
+        faster, drop the layer with the smallest measured gain and try again (at most
+        ``max_tries`` plans); if none wins, that batch size runs the dense model."""
+        rng = np.random.default_rng(1)
+        dense = self._dense()
+        for b in sorted(self.plans):
+            chosen = {n for n, v in self.choice[b].items() if v == "sparse"}
+            gain = {n: self.costs[n][b][1] - self.costs[n][b][0] for n in chosen}
+            x = rng.standard_normal((b, *self.input_shape), dtype=np.float32)
+            self.plans[b] = None
+            for _ in range(max_tries):
+                if not chosen:
+                    break
+                if log:
+                    log(f"checking the hybrid plan ({len(chosen)} sparse layers) against dense at batch {b}")
+                calls = self._build(chosen)
+                med = interleaved_median({"hybrid": lambda: self._run_calls(calls, x), "dense": lambda: dense(x)},
+                                         seconds, min_reps=9, max_reps=300, warmup=2, quantile=CALIB_QUANTILE)
+                self.plan_costs[b] = (med["hybrid"], med["dense"])
+                if choose_plan(med["hybrid"], med["dense"]) == "hybrid":
+                    self.plans[b] = calls
+                    break
+                chosen = chosen - {min(chosen, key=lambda n: gain[n])}
+            if self.plans[b] is not None:
+                self.choice[b] = {n: ("sparse" if n in chosen else "dense") for n in self.choice[b]}
+
+    # -- running
+    @staticmethod
+    def _run_calls(calls, x: np.ndarray) -> np.ndarray:
+        for kind, obj, relu, pool in calls:
+            if kind == "sparse":
+                x = obj(x, relu, pool) if pool != 1 else (obj(x, relu) if relu else obj(x))
+            elif kind == "onnx" or kind == "pool":
+                x = obj(x)
+            elif kind == "flatten":
+                x = x.reshape(x.shape[0], -1)
+            else:  # relu
+                x = np.maximum(x, 0)
         return x
 
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        b = x.shape[0]
+        calls = self._by_batch.get(b, _MISSING)
+        if calls is _MISSING:
+            calls = self._by_batch[b] = self.plans[nearest_batch(b, self.plans)]
+        if calls is None:
+            return self._dense_sess(x)
+        out = self._run_calls(calls, x)
+        return out.copy() if calls[-1][0] in ("sparse", "pool") else out
 
-def _ort_call(sess):
-    name = sess.get_inputs()[0].name
+    # -- reporting
+    def _model_bytes(self) -> int:
+        """Bytes of what the chosen plans run: compressed layers, ONNX segments, the dense model
+        where a batch size falls back to it."""
+        active = [calls for calls in self.plans.values() if calls is not None]
+        objs = {id(obj): obj for calls in active for kind, obj, *_ in calls if kind in ("sparse", "onnx")}
+        total = sum(obj.nbytes for obj in objs.values())
+        if any(calls is None for calls in self.plans.values()):
+            total += self._dense().nbytes
+        return total
 
-    def call(x):
-        return sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-    return call
+    def describe(self) -> dict:
+        """Per layer: shape, sparsity, bytes, the choice per batch size and the measured costs."""
+        layers = []
+        for c in self.plan.candidates:
+            lay = self.layers[c.name]
+            row = {"name": c.name, "kind": c.kind, "in_shape": list(c.in_shape), "out_shape": list(c.out_shape),
+                   "sparsity": round(c.sparsity, 4), "bytes": lay.nbytes,
+                   "codebook": getattr(getattr(lay, "w", None), "codebook", None) is not None,
+                   "choice": {}}
+            for b in sorted(self.choice):
+                v = self.choice[b].get(c.name, "dense")
+                row["choice"][str(b)] = v if self.plans.get(b) is not None else "dense (whole model)"
+            if c.name in self.costs:
+                row["sparse_ms"] = {str(b): round(s * 1e3, 4) for b, (s, _) in self.costs[c.name].items()}
+                row["dense_ms"] = {str(b): round(d * 1e3, 4) for b, (_, d) in self.costs[c.name].items()}
+            layers.append(row)
+        plans = {str(b): ("dense" if calls is None else " > ".join(
+            f"sparse:{obj.name}{'+relu' if relu else ''}{f'+pool{pool}' if pool != 1 else ''}" if kind == "sparse"
+            else kind for kind, obj, relu, pool in calls))
+            for b, calls in sorted(self.plans.items())}
+        out = {"kernel": self.kernel, "threads": self.threads, "layers": layers, "plans": plans,
+               "sparse_layers": [{"name": c.name, "shape": [self.layers[c.name].out_features,
+                                                            self.layers[c.name].in_features],
+                                  "sparsity": round(c.sparsity, 4)} for c in self.plan.candidates if c.kind == "linear"],
+               "not_cut": self.plan.skipped}
+        if self.plan_costs:
+            out["plan_check_ms"] = {str(b): {"hybrid": round(h * 1e3, 4), "dense": round(d * 1e3, 4)}
+                                    for b, (h, d) in self.plan_costs.items()}
+        return out
+
+
+_MISSING = object()
+
+
+class _OrtCall:
+    def __init__(self, sess, nbytes: int):
+        self.sess, self.nbytes = sess, nbytes
+        self.input = sess.get_inputs()[0].name
+
+    def __call__(self, x):
+        return self.sess.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
 # ---- break-even sweep ---------------------------------------------------------------------------
@@ -422,8 +563,9 @@ def random_sparse_weight(out_features: int, in_features: int, sparsity: float, s
 
 
 def interleaved_median(fns: dict[str, Any], seconds: float = 0.5, min_reps: int = 5, max_reps: int = 2000,
-                       warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternation (so machine load hits all alike)."""
+                       warmup: int = 3, quantile: float = 50.0) -> dict[str, float]:
+    """Median (or another ``quantile``) seconds per call of each function, timed in alternation
+    (so machine load hits all alike)."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -436,13 +578,14 @@ def interleaved_median(fns: dict[str, Any], seconds: float = 0.5, min_reps: int 
             f()
             times[k].append(time.perf_counter() - t0)
         reps += 1
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return {k: float(np.percentile(v, quantile)) for k, v in times.items()}
 
 
-def sweep(shape: tuple[int, int], sparsities, batches, threads: int, kernel: str = "torch",
-          seconds: float = 0.3, seed: int = 0) -> list[dict]:
+def sweep(shape: tuple[int, int], sparsities, batches, threads: int, kernel: str = "numba",
+          seconds: float = 0.3, seed: int = 0, levels: int | None = None) -> list[dict]:
     """Dense onnxruntime Gemm vs the sparse kernel on one layer shape (out, in), per sparsity and
-    batch size. Rows: sparsity, batch, dense_s, sparse_s, speedup (dense time / sparse time)."""
+    batch size; ``levels``: share the non-zeros to that many values first (a codebook). Rows:
+    sparsity, batch, dense_s, sparse_s, speedup (dense time / sparse time)."""
     from dcomp.runtime.runner import ort_session
 
     out_f, in_f = int(shape[0]), int(shape[1])
@@ -450,7 +593,11 @@ def sweep(shape: tuple[int, int], sparsities, batches, threads: int, kernel: str
     rows = []
     rng = np.random.default_rng(seed)
     for s in sparsities:
-        sl = SparseLinear(random_sparse_weight(out_f, in_f, float(s), seed), None, kernel, threads=threads)
+        w = random_sparse_weight(out_f, in_f, float(s), seed)
+        if levels:
+            book = torch.linspace(-3.0, 3.0, int(levels))
+            w = torch.where(w != 0, book[torch.bucketize(w.clamp(-3, 3), (book[1:] + book[:-1]) / 2)], w)
+        sl = SparseLinear(w, None, kernel, threads=threads)
         for b in batches:
             x = rng.standard_normal((int(b), in_f), dtype=np.float32)
             med = interleaved_median({"dense": lambda: dense.run(None, {"x": x}), "sparse": lambda: sl(x)}, seconds)
