@@ -79,6 +79,14 @@ class Checkpoint:
             model = torch.load(io.BytesIO(self.arch["archive"].numpy().tobytes()), weights_only=False)
         else:
             raise FormatError(f"checkpoint has an unknown architecture kind {kind!r}")
+        # ---- low-rank factorization (dcomp.compressors.lowrank; owner: families) ----------------
+        # plain data arch["factorized"] = {layer: {kind, rank}}: factor layers replace the built
+        # ones here, BEFORE conform_to_state_dict resizes layers to the stored weights.
+        if self.arch.get("factorized") and kind in ("zoo", "import"):
+            from dcomp.compressors.lowrank import apply_factorized_arch
+
+            apply_factorized_arch(model, self.arch["factorized"])
+        # ---- end low-rank factorization --------------------------------------------------------
         resized = conform_to_state_dict(model, self.state_dict) if kind in ("zoo", "import") else []
         try:
             model.load_state_dict(self.state_dict, strict=True)
