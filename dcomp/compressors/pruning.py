@@ -310,6 +310,10 @@ def _prunable_numels(ckpt: Checkpoint, trust_pickle: bool) -> dict[str, int]:
                     model = build_zoo(ckpt.arch["name"], ckpt.input_shape, ckpt.num_classes, **ckpt.arch.get("kwargs", {}))
                 else:
                     model = build_from_factory(ckpt.arch["target"], ckpt.arch.get("kwargs", {}), trusted=trust_pickle)
+                if ckpt.arch.get("factorized"):  # low-rank factors (dcomp.compressors.lowrank), as build_model does
+                    from dcomp.compressors.lowrank import apply_factorized_arch
+
+                    apply_factorized_arch(model, ckpt.arch["factorized"])
                 conform_to_state_dict(model, ckpt.state_dict)
         except Exception:  # noqa: BLE001 - fall back to the ordinary build, which reports errors properly
             model = None

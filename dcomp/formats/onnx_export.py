@@ -236,6 +236,10 @@ def shrunk_layers(ckpt: Checkpoint) -> list[dict]:
             ref = build_from_factory(ckpt.arch["target"], ckpt.arch.get("kwargs", {}), trusted=False)
         else:
             return []
+        if ckpt.arch.get("factorized"):  # low-rank factors (dcomp.compressors.lowrank), as build_model does
+            from dcomp.compressors.lowrank import apply_factorized_arch
+
+            apply_factorized_arch(ref, ckpt.arch["factorized"])
     except DcompError:
         return []
     out = []
