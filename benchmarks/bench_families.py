@@ -93,7 +93,13 @@ FACT_CASES = [
 ]
 
 
-def run_factorize(out: Path) -> None:
+# run after the first: --ratio is per layer, and vgg-small's first conv (1 input channel, 288 weights)
+# gets rank 1 at ratio 0.25 (a one-channel bottleneck) and the classifier rank 2 (a 2-wide layer
+# before 10 outputs); the same budget with those two layers left whole
+FACT_EXTRA = [("vgg-small", "digits", 20, [{"ratio": 0.25, "exclude": ["^features\\.0$", "^classifier$"]}], 5)]
+
+
+def run_factorize(out: Path, cases=FACT_CASES, dense: bool = True) -> None:
     from dcomp.compressors.lowrank import FactorizeConfig, apply_factorize
     from dcomp.compressors.quantization import QuantizeConfig, apply_quantize
     from dcomp.retrain import retrain
@@ -101,18 +107,19 @@ def run_factorize(out: Path) -> None:
 
     WORK.mkdir(parents=True, exist_ok=True)
     rows = []
-    for arch, dspec, base_epochs, settings, ft in FACT_CASES:
+    for arch, dspec, base_epochs, settings, ft in cases:
         data = load(f"npz:{MNIST}" if dspec == "mnist" else dspec)
         for seed in SEEDS:
             t0 = time.perf_counter()
             base = train_base(arch, data, base_epochs, seed)
-            dense_ft, _ = retrain(base, data, ft_cfg(ft), seed=seed)
-            q = apply_quantize(base, QuantizeConfig(fc_bits=5, conv_bits=8), StageContext(seed=seed)).checkpoint
-            rows.append({"model": arch, "data": dspec, "seed": seed, "setting": "dense", "params": base.param_count(),
-                         "macs": macs(base), "packed": packed(base)[0], "top1": top1(base, data),
-                         "top1_ft": top1(dense_ft, data), "packed_q": packed(q)[0], "top1_q": top1(q, data),
-                         "ranks": {}, "seconds": time.perf_counter() - t0})
-            if seed == SEEDS[0]:
+            if dense:
+                dense_ft, _ = retrain(base, data, ft_cfg(ft), seed=seed)
+                q = apply_quantize(base, QuantizeConfig(fc_bits=5, conv_bits=8), StageContext(seed=seed)).checkpoint
+                rows.append({"model": arch, "data": dspec, "seed": seed, "setting": "dense", "params": base.param_count(),
+                             "macs": macs(base), "packed": packed(base)[0], "top1": top1(base, data),
+                             "top1_ft": top1(dense_ft, data), "packed_q": packed(q)[0], "top1_q": top1(q, data),
+                             "ranks": {}, "seconds": time.perf_counter() - t0})
+            if seed == SEEDS[0] and dense:
                 base.save(WORK / f"{arch}-{dspec}-dense.pt")
             for st in settings:
                 t0 = time.perf_counter()
@@ -120,7 +127,7 @@ def run_factorize(out: Path) -> None:
                 res = apply_factorize(base, FactorizeConfig(**st, finetune=ft_cfg(ft)), ctx)
                 ck = res.checkpoint
                 q = apply_quantize(ck, QuantizeConfig(fc_bits=5, conv_bits=8), StageContext(seed=seed)).checkpoint
-                label = ", ".join(f"{k} {v}" for k, v in st.items())
+                label = ", ".join(f"{k} {v}" if k != "exclude" else "first conv and classifier whole" for k, v in st.items())
                 rows.append({"model": arch, "data": dspec, "seed": seed, "setting": label, "params": ck.param_count(),
                              "macs": macs(ck), "packed": packed(ck)[0], "top1": res.metrics["top1_factorized"],
                              "top1_ft": res.metrics["top1_finetuned"], "packed_q": packed(q)[0], "top1_q": top1(q, data),
@@ -155,10 +162,12 @@ def run_timing(out: Path) -> None:
             x = np.random.default_rng(0).standard_normal((batch, *cks[0][1].input_shape)).astype(np.float32)
             lat = time_interleaved(runners, x, warmup=20, iters=2000, seconds=1.5)
             base_p50 = percentiles(lat[0])["p50_ms"]
+            base_min = float(lat[0].min()) * 1e3
             for (name, _), la in zip(cks, lat):
                 p = percentiles(la)
                 rows.append({"model": arch, "data": dspec, "setting": name, "batch": batch, **p, "calls": len(la),
-                             "speedup_p50": base_p50 / p["p50_ms"]})
+                             "min_ms": float(la.min()) * 1e3, "speedup_p50": base_p50 / p["p50_ms"],
+                             "speedup_min": base_min / (float(la.min()) * 1e3)})
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     out.write_text(json.dumps({"load_before": load_before, "load_after": os.getloadavg(), "uptime": uptime,
                                "rows": rows}, indent=1))
@@ -268,51 +277,71 @@ def _ms(vals):
 
 
 def report(paths: list[Path]) -> None:
+    fact: list[dict] = []
     for p in paths:
         obj = json.loads(p.read_text())
         if isinstance(obj, dict):  # timing
             print(f"\ntiming: load average before {obj['load_before']}, after {obj['load_after']} ({obj['uptime']})\n")
-            print("| model | data | variant | batch | p50 ms | p90 ms | vs dense (p50) | calls |")
-            print("|---|---|---|---:|---:|---:|---:|---:|")
+            print("| model | data | variant | batch | min ms | p50 ms | p90 ms | vs dense (min) | vs dense (p50) | calls |")
+            print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
             for r in obj["rows"]:
-                print(f"| {r['model']} | {r['data']} | {r['setting']} | {r['batch']} | {r['p50_ms']:.3f} | "
-                      f"{r['p90_ms']:.3f} | {r['speedup_p50']:.2f}x | {r['calls']} |")
-            continue
-        groups: dict[tuple, list] = {}
-        for r in obj:
-            groups.setdefault((r["model"], r.get("data", "mnist"), r["setting"]), []).append(r)
-        if "macs" in obj[0]:
-            print("\n| model | data | setting | ranks (seed 0) | params | MACs | packed fp32 | top-1 no retrain | "
-                  "top-1 +5 ep | 5/8-bit packed | 5/8-bit top-1 |")
-            print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-            for (model, dspec, setting), rs in groups.items():
-                dense = groups[(model, dspec, "dense")]
-                t, ts = _ms([r["top1"] for r in rs])
-                f, fs = _ms([r["top1_ft"] for r in rs])
-                q, qs = _ms([r["top1_q"] for r in rs])
-                ranks = ", ".join(f"{k}:{v}" for k, v in rs[0]["ranks"].items()) or "-"
-                print(f"| {model} | {dspec} | {setting} | {ranks} | {rs[0]['params']:,} ({rs[0]['params'] / dense[0]['params']:.0%}) "
-                      f"| {rs[0]['macs']:,} ({rs[0]['macs'] / dense[0]['macs']:.0%}) | {rs[0]['packed']:,} B | "
-                      f"{t:.2f} ± {ts:.2f} | {f:.2f} ± {fs:.2f} | {rs[0]['packed_q']:,} B | {q:.2f} ± {qs:.2f} |")
+                print(f"| {r['model']} | {r['data']} | {r['setting']} | {r['batch']} | {r.get('min_ms', float('nan')):.3f} | "
+                      f"{r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r.get('speedup_min', float('nan')):.2f}x | "
+                      f"{r['speedup_p50']:.2f}x | {r['calls']} |")
+        elif "macs" in obj[0]:
+            fact += obj  # factorize and factorize-extra rows: one table
         else:
-            print("\n| model | data | setting | packed (mean) | vs float32 | top-1 (mean ± sd, 3 seeds) | bits/weight of the low-bit layers |")
-            print("|---|---|---|---:|---:|---:|---|")
-            for (model, dspec, setting), rs in groups.items():
-                dense = groups[(model, dspec, "dense float32")]
-                size = sum(r["packed"] for r in rs) / len(rs)
-                t, ts = _ms([r["top1"] for r in rs])
-                bits = "; ".join(f"{n.removesuffix('.weight')} {v['bits_per_weight']:.2f}"
-                                 + (f" ({v['coding']} {v['bits_per_symbol']:.2f} b/sym, entropy {v['entropy']:.2f})"
-                                    if v.get("bits_per_symbol") is not None and v["encoding"] == "codebook" else
-                                    f" ({v['encoding']})")
-                                 for n, v in rs[0]["layers"].items()) if setting != "dense float32" else "32"
-                print(f"| {model} | {dspec} | {setting} | {size:,.0f} B | {dense[0]['packed'] / size:.1f}x | {t:.2f} ± {ts:.2f} | {bits} |")
+            _lowbit_table(obj)
+    if fact:
+        _factorize_table(fact)
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list]:
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r.get("data", "mnist"), r["setting"]), []).append(r)
+    return groups
+
+
+def _factorize_table(rows: list[dict]) -> None:
+    groups = _groups(rows)
+    print("\n| model | data | setting | ranks (seed 0) | params | MACs | packed fp32 | top-1 no retrain | "
+          "top-1 +5 ep | 5/8-bit packed | 5/8-bit top-1 |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (model, dspec, setting), rs in groups.items():
+        dense = groups[(model, dspec, "dense")]
+        t, ts = _ms([r["top1"] for r in rs])
+        f, fs = _ms([r["top1_ft"] for r in rs])
+        q, qs = _ms([r["top1_q"] for r in rs])
+        ranks = ", ".join(f"{k}:{v}" for k, v in rs[0]["ranks"].items()) or "-"
+        print(f"| {model} | {dspec} | {setting} | {ranks} | {rs[0]['params']:,} ({rs[0]['params'] / dense[0]['params']:.0%}) "
+              f"| {rs[0]['macs']:,} ({rs[0]['macs'] / dense[0]['macs']:.0%}) | {rs[0]['packed']:,} B | "
+              f"{t:.2f} ± {ts:.2f} | {f:.2f} ± {fs:.2f} | {rs[0]['packed_q']:,} B | {q:.2f} ± {qs:.2f} |")
+
+
+def _lowbit_table(rows: list[dict]) -> None:
+    groups = _groups(rows)
+    print("\n| model | data | setting | packed (mean) | vs float32 | top-1 (mean ± sd) | bits/weight of the quantized layers (seed 0) |")
+    print("|---|---|---|---:|---:|---:|---|")
+    for (model, dspec, setting), rs in groups.items():
+        dense = groups[(model, dspec, "dense float32")]
+        size = sum(r["packed"] for r in rs) / len(rs)
+        t, ts = _ms([r["top1"] for r in rs])
+        bits = "; ".join(f"{n.removesuffix('.weight')} {v['bits_per_weight']:.2f}"
+                         + (f" ({v['coding']} {v['bits_per_symbol']:.2f} b/sym, entropy {v['entropy']:.2f})"
+                            if v.get("bits_per_symbol") is not None and v["encoding"] == "codebook" else
+                            f" ({v['encoding']})")
+                         for n, v in rs[0]["layers"].items()) if setting != "dense float32" else "32"
+        print(f"| {model} | {dspec} | {setting} | {size:,.0f} B | {dense[0]['packed'] / size:.1f}x | "
+              f"{t:.2f} ± {ts:.2f} (n={len(rs)}) | {bits} |")
 
 
 if __name__ == "__main__":
     what = sys.argv[1]
     if what == "factorize":
         run_factorize(Path(sys.argv[2]))
+    elif what == "factorize-extra":
+        run_factorize(Path(sys.argv[2]), FACT_EXTRA, dense=False)
     elif what == "timing":
         run_timing(Path(sys.argv[2]))
     elif what == "lowbit":
