@@ -190,3 +190,10 @@ def test_recipe_stage(cli, lenet_path, tmp_path):
     bad.write_text("name: x\nstages:\n  - stage: quantize\n    bits: 5\n  - stage: factorize\n    rank: 4\n")
     r = cli("run", bad, "--model", lenet_path, "-o", tmp_path / "o.pt")
     assert r.exit_code == 2 and "factorize first" in one_error_line(r)
+
+
+def test_bench_accepts_the_dense_original_as_baseline(lenet_ckpt):
+    from dcomp.runtime.bench import check_same_architecture
+
+    ck = apply_factorize(lenet_ckpt, FactorizeConfig(rank=16), StageContext()).checkpoint
+    check_same_architecture(ck, lenet_ckpt)  # other layer names, same network: accepted
