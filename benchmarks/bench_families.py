@@ -190,6 +190,7 @@ LOWBIT_CASES = [
 # 2 bits, 7.5% for 1 bit); these centroid rates were picked on digits seed 0 (96.1% / 94.7%).
 CENTROID_LR = {2: 1e-3, 1: 2e-4}
 MODELS = os.environ.get("FAMILIES_MODELS", "lenet-300-100,lenet-5").split(",")
+ONLY = [s for s in os.environ.get("FAMILIES_ONLY", "").split(";") if s]  # a rerun of some settings
 
 
 def _layer_bits(report: dict, names: list[str]) -> dict:
@@ -246,10 +247,12 @@ def run_lowbit(out: Path) -> None:
                 ("binary all layers", QuantizeConfig(mode="binary", keep_first_last=False, finetune=ft_cfg(low_epochs, lr))),
                 ("binary, first/last 8/5-bit", QuantizeConfig(mode="binary", finetune=ft_cfg(low_epochs, lr))),
             ]:
-                if label in leave_out:
+                if label in leave_out or (ONLY and label not in ONLY):
                     continue
                 t0 = time.perf_counter()
                 record(arch, seed, label, apply_quantize(base, cfg, ctx).checkpoint, t0)
+            if ONLY:
+                continue
             # the Deep Compression pipeline of the shipped recipe: prune + distill, then three endings
             t0 = time.perf_counter()
             pruned = apply_prune(base, st["prune"], ctx).checkpoint
@@ -319,6 +322,18 @@ def _factorize_table(rows: list[dict]) -> None:
               f"{t:.2f} ± {ts:.2f} | {f:.2f} ± {fs:.2f} | {rs[0]['packed_q']:,} B | {q:.2f} ± {qs:.2f} |")
 
 
+def _coding(v: dict) -> str:
+    """How pack stored a layer: 'codebook' (every index) or 'sparse' (gaps + indices of the
+    non-zeros), the index stream's code (huffman / fixed) and, for Huffman, bits per symbol and
+    the order-0 entropy of the symbols."""
+    enc = "cb" if v["encoding"] == "codebook" else v["encoding"]
+    if v.get("coding") == "huffman" and v.get("entropy") is not None:
+        return f"({enc}, huff {v['bits_per_symbol']:.2f}/H {v['entropy']:.2f})"
+    if v.get("coding"):
+        return f"({enc}, {v['coding']} {v['bits_per_symbol']:.0f})"
+    return f"({enc})"
+
+
 def _lowbit_table(rows: list[dict]) -> None:
     groups = _groups(rows)
     print("\n| model | data | setting | packed (mean) | vs float32 | top-1 (mean ± sd) | bits/weight of the quantized layers (seed 0) |")
@@ -327,10 +342,7 @@ def _lowbit_table(rows: list[dict]) -> None:
         dense = groups[(model, dspec, "dense float32")]
         size = sum(r["packed"] for r in rs) / len(rs)
         t, ts = _ms([r["top1"] for r in rs])
-        bits = "; ".join(f"{n.removesuffix('.weight')} {v['bits_per_weight']:.2f}"
-                         + (f" ({v['coding']} {v['bits_per_symbol']:.2f} b/sym, entropy {v['entropy']:.2f})"
-                            if v.get("bits_per_symbol") is not None and v["encoding"] == "codebook" else
-                            f" ({v['encoding']})")
+        bits = "; ".join(f"{n.removesuffix('.weight')} {v['bits_per_weight']:.2f} {_coding(v)}"
                          for n, v in rs[0]["layers"].items()) if setting != "dense float32" else "32"
         print(f"| {model} | {dspec} | {setting} | {size:,.0f} B | {dense[0]['packed'] / size:.1f}x | "
               f"{t:.2f} ± {ts:.2f} (n={len(rs)}) | {bits} |")

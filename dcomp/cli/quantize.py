@@ -7,7 +7,8 @@ learned positive/negative scales) and --mode binary (sign(w) x mean|w|, per laye
 --scale channel) train with a straight-through estimator for --finetune-epochs epochs (0: no
 training, just the initial ternary/binary weights). By default the FIRST AND LAST layers are
 kept at k-means precision (--conv-bits/--fc-bits, default 8/5), their centroids fine-tuned in
-the same loop; --no-keep-first-last makes every layer ternary/binary."""
+the same loop (at --centroid-lr, default a tenth of --lr); --no-keep-first-last makes every
+layer ternary/binary."""
 
 from __future__ import annotations
 
