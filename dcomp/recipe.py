@@ -114,6 +114,8 @@ STAGES: dict[str, StageSpec] = {
     "eval": StageSpec(lambda: EvalConfig, "metrics", "test accuracy of the current model (of the .dcz after pack)"),
     "bench": StageSpec(_lazy("dcomp.runtime.bench:BenchConfig"), "metrics",
                        "onnxruntime latency/throughput/size of the result beside the input model"),
+    "factorize": StageSpec(_lazy("dcomp.compressors.lowrank:FactorizeConfig"), "checkpoint",
+                           "low-rank factorization (truncated SVD) of Linear/Conv2d layers into two layers"),
 }
 
 
@@ -321,6 +323,8 @@ def check_order(recipe: Recipe, input_quantized: bool = False) -> tuple[int, str
             quantized = True
         elif s.kind == "finetune" and not quantized:
             return s.index, "'finetune' trains the centroids of a quantized model: put a 'quantize' stage before it"
+        elif s.kind == "factorize" and quantized:
+            return s.index, "'factorize' after 'quantize' would drop the codebooks: factorize first, then quantize"
         elif s.kind == "prune" and quantized:
             return s.index, "'prune' after 'quantize' would break the codebooks: prune first, then quantize"
         elif s.kind in ("retrain", "distill") and quantized:
@@ -575,6 +579,13 @@ def bench_headline(summary: dict[str, Any]) -> str:
     return f"{'; '.join(parts)} (vs {summary.get('reference')}, batch {batch})" if parts else ""
 
 
+def _run_factorize(ckpt, s, ctx, state):
+    from dcomp.compressors.lowrank import apply_factorize
+
+    r = apply_factorize(ckpt, s.config, ctx)
+    return r.checkpoint, None, r.metrics
+
+
 RUNNERS: dict[str, StageRunner] = {
     "pack": _run_pack,
     "bench": _run_bench,
@@ -584,4 +595,5 @@ RUNNERS: dict[str, StageRunner] = {
     "quantize": _run_quantize,
     "finetune": _run_finetune,
     "eval": _run_eval,
+    "factorize": _run_factorize,
 }

@@ -1,6 +1,14 @@
 """Share weights by k-means: each layer's non-pruned weights become 2^bits centroids (codebook +
 per-weight index), optionally with centroid fine-tuning. Default bits: 8 for conv, 5 for fc.
-A checkpoint already quantized to fewer bits than asked is refused unless --requantize."""
+A checkpoint already quantized to fewer bits than asked is refused unless --requantize.
+
+--mode ttq (Trained Ternary Quantization: 3 values per layer, 0 below --threshold x max|w|,
+learned positive/negative scales) and --mode binary (sign(w) x mean|w|, per layer or
+--scale channel) train with a straight-through estimator for --finetune-epochs epochs (0: no
+training, just the initial ternary/binary weights). By default the FIRST AND LAST layers are
+kept at k-means precision (--conv-bits/--fc-bits, default 8/5), their centroids fine-tuned in
+the same loop (at --centroid-lr, default a tenth of --lr); --no-keep-first-last makes every
+layer ternary/binary."""
 
 from __future__ import annotations
 
@@ -29,6 +37,10 @@ def quantize(
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="epochs of centroid fine-tuning (needs data)")] = 0,
     centroid_lr: Annotated[Optional[float], typer.Option("--centroid-lr", help="centroid learning rate (default: --lr, scheduled)")] = None,
     float16: Annotated[bool, typer.Option("--float16", help="round codebooks, biases and BatchNorm to float16 values (pack stores them in half the bytes, losslessly)")] = False,
+    mode: Annotated[str, typer.Option("--mode", help="kmeans (weight sharing), ttq (ternary, learned scales) or binary")] = "kmeans",
+    threshold: Annotated[float, typer.Option("--threshold", help="ttq: |w| <= threshold x max|w| of the layer becomes 0")] = 0.05,
+    scale: Annotated[str, typer.Option("--scale", help="binary: one scale per 'layer' (1 bit) or per output 'channel'")] = "layer",
+    keep_first_last: Annotated[bool, typer.Option("--keep-first-last/--no-keep-first-last", help="ttq/binary: keep the first and last layer at k-means precision (default: kept)")] = True,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     data: DataOpt = None,
@@ -46,7 +58,8 @@ def quantize(
     try:
         cfg = QuantizeConfig(bits=bits, conv_bits=conv_bits, fc_bits=fc_bits, layers=parse_layer_bits(layer or []),
                              exclude=list(exclude or []), init=init, max_iter=max_iter, requantize=requantize,
-                             finetune=finetune, centroid_lr=centroid_lr, float16=float16)
+                             finetune=finetune, centroid_lr=centroid_lr, float16=float16,
+                             mode=mode, threshold=threshold, scale=scale, keep_first_last=keep_first_last)
     except ValidationError as e:
         raise common.UsageError(_message(e)) from None
 
@@ -56,7 +69,8 @@ def quantize(
     ds = common.dataset_for(ckpt, data, resize) if (data is not None or finetune is not None) else None
     con = common.console()
     ctx = StageContext(data=ds, console=con, seed=common.state.seed, trust_pickle=common.state.trust_pickle)
-    result = apply_quantize(ckpt, cfg, ctx, progress=TrainProgress(con, "centroid fine-tune") if finetune else None)
+    label = "centroid fine-tune" if mode == "kmeans" else f"{mode} training"
+    result = apply_quantize(ckpt, cfg, ctx, progress=TrainProgress(con, label) if finetune else None)
     out, metrics = result.checkpoint, result.metrics
     dest = sink.write(out.to_bytes())
     common.emit({"output": dest, **metrics}, lambda c: _render(c, metrics, dest))
@@ -71,7 +85,9 @@ def _message(e) -> str:
 
 
 def _render(c, metrics: dict, dest: str) -> None:
-    t = Table(title="quantized (k-means weight sharing)", title_justify="left")
+    title = {"ttq": "quantized (ternary, TTQ)", "binary": "quantized (binary)"}.get(metrics.get("mode"),
+                                                                                 "quantized (k-means weight sharing)")
+    t = Table(title=title, title_justify="left")
     for col in ("layer", "bits", "clusters", "non-zeros", "MSE", "SQNR dB", "note"):
         t.add_column(col, justify="left" if col in ("layer", "note") else "right")
     for name, m in metrics["layers"].items():

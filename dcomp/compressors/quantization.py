@@ -72,6 +72,14 @@ class QuantizeConfig(BaseModel):
     float16: bool = Field(False, description="round codebooks and the unquantized float parameters and buffers "
                                              "(biases, BatchNorm) to the nearest float16 value, kept as float32: "
                                              "`pack` then stores them in half the bytes without loss")
+    mode: Literal["kmeans", "ttq", "binary"] = Field(
+        "kmeans", description="kmeans: weight sharing; ttq: Trained Ternary Quantization (3 values per layer, learned "
+                              "positive/negative scales); binary: sign(w) x a scale per layer or per channel")
+    threshold: float = Field(0.05, description="ttq: weights with |w| <= threshold x max|w| of the layer become 0")
+    scale: Literal["layer", "channel"] = Field("layer", description="binary: one scale per layer (2 values, 1 bit) or "
+                                                                   "per output channel (2 per channel: more bits)")
+    keep_first_last: bool = Field(True, description="ttq/binary: keep the first and last layer at k-means "
+                                                    "precision (conv_bits/fc_bits, default 8/5)")
 
     @field_validator("bits", "conv_bits", "fc_bits")
     @classmethod
@@ -91,6 +99,13 @@ class QuantizeConfig(BaseModel):
     def _exclude(cls, v: list[str]):
         for pattern in v:
             _check_regex(pattern, "--exclude")
+        return v
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float):
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"--threshold must be in [0, 1) (a fraction of the layer's max |w|; TTQ uses 0.05), got {v}")
         return v
 
 
@@ -235,6 +250,10 @@ def quantize_weight(weight: torch.Tensor, mask: torch.Tensor | None, bits: int, 
 def apply_quantize(ckpt: Checkpoint, cfg: QuantizeConfig, ctx: StageContext, progress=None) -> StageResult:
     """The quantize stage; never modifies ``ckpt``. With ``cfg.finetune`` (epochs > 0) ``ctx.data`` is
     required; with ``ctx.data`` the test accuracy before and after is measured."""
+    if cfg.mode != "kmeans":
+        from dcomp.compressors.lowbit import apply_lowbit
+
+        return apply_lowbit(ckpt, cfg, ctx, progress)
     plan, skipped = plan_bits(ckpt, cfg)
     fine = cfg.finetune is not None and cfg.finetune.epochs > 0
     if fine and ctx.data is None:

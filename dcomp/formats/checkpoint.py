@@ -71,11 +71,15 @@ class Checkpoint:
         What may run is decided by dcomp.models.arch (before anything is imported or loaded):
         ``trust_pickle`` (--trust-pickle) plus ``trusted_refs``, the references the user typed."""
         from dcomp.models import conform_to_state_dict
-        from dcomp.models.arch import REBUILDABLE_KINDS, build_architecture, trust_of
+        from dcomp.models.arch import REBUILDABLE_KINDS, build_architecture, build_reference, trust_of
 
         kind = self.arch.get("kind")
-        model = build_architecture(self.arch, self.input_shape, self.num_classes, trust_of(self, trust_pickle))
-        resized = conform_to_state_dict(model, self.state_dict) if kind in REBUILDABLE_KINDS else []
+        if kind in REBUILDABLE_KINDS:  # original shapes (low-rank factors applied), then stored shapes
+            model = build_reference(self, trust_pickle)
+            resized = conform_to_state_dict(model, self.state_dict)
+        else:
+            model = build_architecture(self.arch, self.input_shape, self.num_classes, trust_of(self, trust_pickle))
+            resized = []
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as e:

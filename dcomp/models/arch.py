@@ -180,11 +180,17 @@ def build_architecture(arch: dict, input_shape, num_classes: int, trust: Trust =
 
 
 def build_reference(ckpt: Any, trust_pickle: bool = False) -> nn.Module | None:
-    """The checkpoint's architecture at its original shapes (before structured pruning), or None
-    for TorchScript / pickle architectures, which have no such reference."""
+    """The checkpoint's architecture at its original shapes (before structured pruning; with the
+    low-rank factor layers of ``arch["factorized"]`` in place), or None for TorchScript / pickle
+    architectures, which have no such reference."""
     if ckpt.arch.get("kind") not in REBUILDABLE_KINDS:
         return None
-    return build_architecture(ckpt.arch, ckpt.input_shape, ckpt.num_classes, trust_of(ckpt, trust_pickle))
+    model = build_architecture(ckpt.arch, ckpt.input_shape, ckpt.num_classes, trust_of(ckpt, trust_pickle))
+    if ckpt.arch.get("factorized"):  # plain data {layer: {kind, rank}}: see dcomp.compressors.lowrank
+        from dcomp.compressors.lowrank import apply_factorized_arch
+
+        apply_factorized_arch(model, ckpt.arch["factorized"])
+    return model
 
 
 # ---- factories the user types ----------------------------------------------------------------------

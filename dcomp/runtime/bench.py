@@ -197,6 +197,8 @@ def check_same_architecture(model: Checkpoint, base: Checkpoint, source: str = "
     if list(model.input_shape) != list(base.input_shape) or int(model.num_classes) != int(base.num_classes):
         raise UsageError(f"{source} takes input {list(base.input_shape)} with {base.num_classes} classes, the model "
                          f"{list(model.input_shape)} with {model.num_classes}; give the dense original of this model")
+    if model.arch.get("factorized") or base.arch.get("factorized"):
+        return  # low-rank factors (dcomp factorize) rename and reshape layers: same network, other layers
     mk, bk = set(model.state_dict), set(base.state_dict)
     if mk != bk:
         diff = sorted(mk ^ bk)
