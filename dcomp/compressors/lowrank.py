@@ -380,10 +380,12 @@ def _masked_or_quantized(ckpt: Checkpoint, name: str) -> str | None:
 def apply_factorize(ckpt: Checkpoint, cfg: FactorizeConfig, ctx: StageContext, progress=None) -> StageResult:
     """The factorize stage; never modifies ``ckpt``. With ``cfg.finetune`` (epochs > 0) ``ctx.data``
     is required; with ``ctx.data`` the test accuracy before and after is measured."""
+    from dcomp.models.arch import REBUILDABLE_KINDS
+
     kind_arch = ckpt.arch.get("kind")
-    if kind_arch not in ("zoo", "import"):
-        raise UsageError(f"a {kind_arch} architecture cannot be restructured; factorize needs a zoo model or a "
-                         f"state_dict with --arch package.module:factory")
+    if kind_arch not in REBUILDABLE_KINDS:
+        raise UsageError(f"a {kind_arch} architecture cannot be restructured; factorize needs a zoo model, a "
+                         f"state_dict with --arch package.module:factory, or a model dcomp describes as a graph")
     if ckpt.quant:
         raise UsageError("this checkpoint is quantized: factorize before quantizing (then quantize the factors)")
     fine = cfg.finetune is not None and cfg.finetune.epochs > 0
