@@ -1,4 +1,4 @@
-from dcomp.cli.app import main
+from dcomp.cli import main
 
 if __name__ == "__main__":
     main()

@@ -79,42 +79,61 @@ def read_input(path: Optional[str], what: str = "a model file") -> Input:
 
 @dataclass
 class Sink:
-    """Where a command's binary output goes; decided before any work so a bad -o fails fast."""
+    """Where a command's binary output goes; decided before any work so a bad -o fails fast.
+    Files are written atomically (dcomp.atomic): an interrupted command leaves the old file or
+    none, never a temporary file; devices, FIFOs and /dev paths are written through."""
 
     path: Path | None  # None = stdout
 
     def write(self, data: bytes) -> str:
-        from dcomp.formats.checkpoint import atomic_write
+        from dcomp.atomic import atomic_write
+        from dcomp.cli import signals
 
         if not is_main_process():
             return "<rank 0 writes>"
         if self.path is None:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
+            try:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                raise DcompError("stdout was closed before the output was written (the next command in the pipe "
+                                 "stopped)") from None
+            signals.committed()
             return "<stdout>"
-        atomic_write(self.path, data)
+        atomic_write(self.path, data, on_commit=signals.committed)
         return str(self.path)
 
 
 def plan_output(output: Optional[str], inp: Input | None = None, what: str = "checkpoint",
-                reads: tuple[Optional[str], ...] = ()) -> Sink:
-    """Decide where output goes. ``reads``: other files the command reads (a recipe, a teacher),
-    which -o must not overwrite either."""
+                reads: tuple[Optional[str], ...] = (), expected_bytes: int | None = None) -> Sink:
+    """Decide where output goes, and probe that it can be written (folder exists and is writable,
+    room for about ``expected_bytes``, default the input's size) before any work. ``reads``: other
+    files the command reads (a recipe, a teacher), which -o must not overwrite either."""
+    from dcomp.atomic import check_writable, output_kind
+
     if output == "-" or (output is None and not sys.stdout.isatty()):
         state.stdout_taken = True
         return Sink(None)
     if output is None:
         raise UsageError(f"where should the {what} go? give -o PATH, or pipe stdout into another command")
     p = Path(output)
-    if inp is not None and inp.path is not None and p.exists() and p.resolve() == inp.path.resolve():
-        raise UsageError(f"-o {output} would overwrite the input; choose another output path")
-    for other in reads:
-        if other and p.exists() and Path(other).exists() and p.resolve() == Path(other).resolve():
-            raise UsageError(f"-o {output} would overwrite {other}, which this command reads; choose another output path")
     if p.is_dir():
         raise UsageError(f"-o {output} is a directory; give a file name")
-    if not p.parent.exists():
+    if not p.is_symlink() and not p.parent.is_dir():
         raise UsageError(f"-o {output}: folder {p.parent} does not exist")
+    kind, target = output_kind(p)
+    if kind == "stdout":
+        state.stdout_taken = True
+        return Sink(None)
+    if kind == "file":
+        if inp is not None and inp.path is not None and target.exists() and target == inp.path.resolve():
+            raise UsageError(f"-o {output} would overwrite the input; choose another output path")
+        for other in reads:
+            if other and target.exists() and Path(other).exists() and target == Path(other).resolve():
+                raise UsageError(f"-o {output} would overwrite {other}, which this command reads; choose another output path")
+    if expected_bytes is None and inp is not None:
+        expected_bytes = len(inp.data)
+    check_writable(p, expected_bytes)
     return Sink(p)
 
 
@@ -186,11 +205,15 @@ def dataset_for(ckpt, data: str | None, resize: int | None):
 
 
 def threads_env() -> None:
-    """Apply --threads to torch (and record it for onnxruntime sessions)."""
-    import torch
-
-    if state.threads is not None:
-        torch.set_num_threads(state.threads)
+    """Apply --threads to torch (and record it for onnxruntime sessions). Torch is not imported
+    for this: if it is not loaded yet, OMP_NUM_THREADS tells it at import."""
+    if state.threads is None:
+        return
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(state.threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(state.threads)
+        os.environ["MKL_NUM_THREADS"] = str(state.threads)
 
 
 def env_flag(name: str) -> bool:
@@ -200,7 +223,9 @@ def env_flag(name: str) -> bool:
 # ---- option types declared by several commands ---------------------------------------------------
 
 InputArg = Annotated[Optional[str], typer.Argument(help="model file (path, or '-' / omitted to read stdin)", show_default=False)]
-OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="output path ('-' or omitted with a piped stdout: stdout)", show_default=False)]
+OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="output path ('-' or omitted with a piped stdout: stdout). Written atomically (temporary file + rename; "
+                                                       "a symlink's target is replaced, the link kept); character devices, FIFOs and /dev/* are "
+                                                       "written through, where no atomicity is possible", show_default=False)]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture for a plain state_dict: zoo name or package.module:factory")]
 ArchKwargsOpt = Annotated[Optional[str], typer.Option("--arch-kwargs", help="factory arguments: JSON object or k=v,k=v")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="dataset: digits, idx:DIR, npz:FILE, synthetic[:N] (default: the model's own, else digits)")]
