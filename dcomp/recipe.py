@@ -32,13 +32,14 @@ import difflib
 import hashlib
 import importlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dcomp.errors import DcompError, UsageError
 from dcomp.formats.checkpoint import Checkpoint, atomic_write, read_checkpoint
@@ -64,11 +65,28 @@ class Defaults(BaseModel):
 class RecipeHead(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: str = Field(description="one file-name component: it names the default work directory")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_recipe_name(v)
     description: str = ""
     version: int = Field(RECIPE_VERSION, description="recipe format version")
     defaults: Defaults = Field(default_factory=Defaults)
     stages: list[dict[str, Any]] = Field(min_length=1)
+
+
+def check_recipe_name(name: str) -> str:
+    """A recipe's name becomes a folder name (dcomp-run-NAME): one path component, no escape."""
+    if not name or not name.strip():
+        raise ValueError("a recipe name must not be empty")
+    if len(name) > 100:
+        raise ValueError("a recipe name is at most 100 characters")
+    if any(c in name for c in "/\\") or name in (".", "..") or any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise ValueError(f"the name {name!r} must be one file-name component (no '/', '\\', '..' or control "
+                         f"characters): it names the work directory, e.g. name: my-recipe")
+    return name
 
 
 class EvalConfig(BaseModel):
@@ -249,7 +267,7 @@ def load_recipe(path: str | Path, sets: list[str] | None = None, text: str | Non
         if err["type"] == "extra_forbidden":
             owner = Defaults if loc[:1] == ("defaults",) else RecipeHead
             fail(loc, "unknown key", owner, str(loc[-1]))
-        fail(loc, err["msg"])
+        fail(loc, str(err["msg"]).removeprefix("Value error, "))
 
     stages: list[Stage] = []
     for i, raw in enumerate(head.stages):
@@ -395,6 +413,46 @@ def _append_log(log: Path, rec: RunRecord) -> None:
     with open(log, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec.__dict__, default=str) + "\n")
         f.flush()
+        os.fsync(f.fileno())
+
+
+LOCK_NAME = ".dcomp-run.lock"
+
+
+class WorkdirLock:
+    """An exclusive ``fcntl.flock`` on ``WORKDIR/.dcomp-run.lock`` for the whole run: a second
+    ``dcomp run`` on the same work directory is refused instead of interleaving its log and
+    outputs. The kernel drops the lock when the process ends, however it ends (SIGKILL too)."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self):
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.read(fd, 64).decode("ascii", "replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise DcompError(f"work directory {self.path.parent} is in use by another dcomp run{who}; wait for it "
+                             f"to finish, or give this run its own --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the file stays (removing it would race a waiting run)
+            self._fd = None
+        return False
 
 
 StageRunner = Callable[[Checkpoint, Stage, StageContext, "RunState"], tuple[Checkpoint | None, bytes | None, dict]]
@@ -418,6 +476,12 @@ def run_recipe(recipe: Recipe, model_bytes: bytes, source: str, workdir: Path, c
     if problem:
         raise RecipeError(f"{recipe.path}: stages.{problem[0]}: {problem[1]}")
     workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir):
+        return _run_locked(recipe, model_bytes, workdir, ctx, input_ckpt, on_stage, fresh, settings)
+
+
+def _run_locked(recipe: Recipe, model_bytes: bytes, workdir: Path, ctx: StageContext, input_ckpt: Checkpoint,
+                on_stage, fresh: bool, settings) -> tuple[RunState, list[RunRecord]]:
     log = workdir / "run.jsonl"
     if fresh and log.exists():
         log.unlink()
