@@ -47,6 +47,10 @@ from dcomp.stages import StageContext, StageResult
 from dcomp.train import FINETUNE_DEFAULTS, TrainConfig
 
 RECIPE_VERSION = 1
+# Command-line spellings accepted in recipes too (old scripts and habits): flag -> (block, key).
+CLI_SPELLINGS: dict[str, dict[str, tuple[str, str]]] = {
+    "prune": {"epochs_per_round": ("retrain", "epochs")},
+}
 COMMON_STAGE_KEYS = ("stage", "name", "note")
 # Training blocks inside stages (prune.retrain, retrain.train, quantize.finetune, finetune.train)
 # start from FINETUNE_DEFAULTS, as the commands do, not from training-from-scratch ones.
@@ -281,6 +285,13 @@ def load_recipe(path: str | Path, sets: list[str] | None = None, text: str | Non
                  + (f"; did you mean '{close[0]}'?" if close else ""))
         cls = STAGES[kind].config()
         body = {k.replace("-", "_"): v for k, v in raw.items() if k not in COMMON_STAGE_KEYS}
+        for flag, (block, key) in CLI_SPELLINGS.get(kind, {}).items():  # a command's flag name, written in a recipe
+            if flag in body and flag not in cls.model_fields:
+                value = body.pop(flag)
+                if not isinstance(body.get(block), dict):
+                    body[block] = {} if body.get(block) is None else body[block]
+                if isinstance(body[block], dict):
+                    body[block].setdefault(key, value)
         if kind == "distill":
             body.setdefault("distill", {}).setdefault("teacher", "input")
         for key, f in cls.model_fields.items():
@@ -296,7 +307,13 @@ def load_recipe(path: str | Path, sets: list[str] | None = None, text: str | Non
                 fail(eloc, "unknown key", owner, str(eloc[-1]))
             msg = err["msg"].removeprefix("Value error, ")
             fail(eloc, msg)
-        stages.append(Stage(i, kind, str(raw.get("name") or f"{i:02d}-{kind}"), str(raw.get("note", "")), cfg))
+        note = str(raw.get("note", ""))
+        changed = sorted(".".join(map(str, t[2:])) for t in overridden
+                         if t[:2] == ("stages", i) and len(t) > 2 and t[2] not in COMMON_STAGE_KEYS)
+        if note and changed and ("stages", i, "note") not in overridden:
+            # a note restates values ("5 bits per fc layer"): after --set it would say what is not done
+            note = f"(recipe note not shown: --set changed {', '.join(changed)})"
+        stages.append(Stage(i, kind, str(raw.get("name") or f"{i:02d}-{kind}"), note, cfg))
     recipe = Recipe(path, head.name, head.description, head.defaults, stages, data)
     problem = check_order(recipe)
     if problem:

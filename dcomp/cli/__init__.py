@@ -6,6 +6,13 @@ def main() -> None:
     from dcomp.cli import signals
 
     signals.install()
+    import sys
+
+    if sys.argv[1:] == ["--version"]:  # the one answer that needs nothing else loaded
+        from dcomp import __version__
+
+        print(f"dcomp {__version__}")
+        return
     try:
         from dcomp.cli.app import main as app_main
     except KeyboardInterrupt as e:

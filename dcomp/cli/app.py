@@ -181,6 +181,12 @@ def global_options(
         use_device(resolved)
 
 
+# shown under every command's --help: global options may stand before or after the command
+GLOBAL_HELP = ("Global options (before or after the command): --json (JSON summary), -q/--quiet, "
+               "--seed N, --threads N, --device cpu|cuda|auto, --debug (tracebacks), --trust-pickle, "
+               "--version. Exit status: 0 done, 1 error, 2 usage error, 130 interrupted (143 on SIGTERM).")
+
+
 def _register() -> None:
     from dcomp.cli import bench, export, info, pack, prune, quantize, recipe, retrain, run, train, zoo
     from dcomp.cli import eval as eval_cmd
@@ -190,8 +196,8 @@ def _register() -> None:
                 ("pack", pack.pack), ("unpack", pack.unpack), ("inspect", pack.inspect),
                 ("export", export.export), ("bench", bench.bench), ("run", run.run)]
     for name, fn in commands:  # help: the function's docstring, else its module's
-        app.command(name, help=fn.__doc__ or sys.modules[fn.__module__].__doc__)(fn)
-    app.add_typer(recipe.recipe_app, name="recipe")
+        app.command(name, help=fn.__doc__ or sys.modules[fn.__module__].__doc__, epilog=GLOBAL_HELP)(fn)
+    app.add_typer(recipe.recipe_app, name="recipe", epilog=GLOBAL_HELP)
 
 
 _register()

@@ -182,7 +182,82 @@ def load_checkpoint(inp: Input, arch: str | None = None, arch_kwargs: str | None
                       trust_pickle=state.trust_pickle, shape_of=shape_of)
     if used:
         ckpt.data = used
+        # the shape came from the data, not from the model: check that the model takes it now,
+        # rather than as a torch traceback deep inside a stage
+        check_input_fits(ckpt.build_model(trust_pickle=state.trust_pickle), ckpt.input_shape,
+                         _data_words(data or "digits", resize))
+    elif arch is not None:
+        _check_arch_flag(ckpt, arch, inp.source)
     return ckpt
+
+
+def _data_words(spec: str, resize: int | None) -> str:
+    return f"--data {spec}" + (f" --resize {resize}" if resize else "")
+
+
+def _check_arch_flag(ckpt, arch: str, source: str) -> None:
+    """--arch given for a file that records its own architecture: fine if it agrees, else say so."""
+    recorded = ckpt.arch.get("name") or ckpt.arch.get("target")
+    if recorded == arch:
+        return
+    kind = ckpt.arch.get("kind")
+    what = f"{kind} {recorded}" if recorded else f"a {kind} archive"
+    raise UsageError(f"--arch {arch}: {source} records its own architecture ({what}), which is used; "
+                     f"--arch is for plain state_dicts only (drop it)")
+
+
+def expected_input(model) -> str | None:
+    """What the model's first layer takes, in words: '(3, H, W)', '784 features'."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Conv3d)):
+            dims = {nn.Conv1d: "L", nn.Conv2d: "H, W", nn.Conv3d: "D, H, W"}[type(m)]
+            return f"({m.in_channels}, {dims})"
+        if isinstance(m, nn.Linear):
+            return f"{m.in_features} features"
+        if isinstance(m, nn.Embedding):
+            return "token ids"
+    return None
+
+
+def check_input_fits(model, input_shape, data_words: str) -> None:
+    """One forward pass on zeros of ``input_shape``; a failure is one line saying what the model
+    expects and what the data gives (a UsageError), not a torch traceback."""
+    import math
+
+    import torch
+
+    shape = tuple(int(s) for s in input_shape)
+    was_training = getattr(model, "training", False)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+        return
+    except Exception as e:  # noqa: BLE001 - any failure here is the model refusing this input
+        error = e
+    finally:
+        if was_training:
+            model.train()
+    given = f"{data_words} gives {shape}"
+    want = expected_input(model)
+    if want is None:
+        first = (str(error).splitlines() or [""])[0]
+        raise UsageError(f"the model does not take input {shape} ({type(error).__name__}: {first[:120]}); "
+                         f"{given}: use --resize or other data") from None
+    hint = "use --resize or other data"
+    if want.endswith("features"):
+        n = int(want.split()[0])
+        c = shape[0] if len(shape) == 3 else 1
+        side = math.isqrt(n // c) if n % c == 0 else 0
+        if len(shape) == 3 and side * side * c == n and side != shape[-1]:
+            hint = f"use --resize {side} or other data"
+        want = f"input of {n} features (flattened)"
+        given = f"{given} = {math.prod(shape)}"
+    else:
+        want = f"input {want}"
+    raise UsageError(f"model expects {want}; {given}: {hint}") from None
 
 
 def dataset_for(ckpt, data: str | None, resize: int | None):
@@ -195,10 +270,8 @@ def dataset_for(ckpt, data: str | None, resize: int | None):
             resize = ckpt.data.get("resize")
     ds = load_dataset(data, resize)
     if list(ds.input_shape) != list(ckpt.input_shape):
-        raise UsageError(
-            f"data {data} has input shape {list(ds.input_shape)} but the model takes {list(ckpt.input_shape)}"
-            f" (use --resize or another --data)"
-        )
+        raise UsageError(f"model expects input {tuple(ckpt.input_shape)}; {_data_words(data, resize)} gives "
+                         f"{tuple(ds.input_shape)}: use --resize or other data")
     if ds.num_classes > ckpt.num_classes:
         raise UsageError(f"data {data} has {ds.num_classes} classes but the model outputs {ckpt.num_classes}")
     return ds
@@ -250,7 +323,7 @@ def with_train_options(exclude: tuple[str, ...] = (), **defaults):
     --weight-decay, --lr-schedule, --select), declared once here; the command receives their
     values as ``train_opts`` (a dict for ``train_config``). Defaults are the fine-tuning ones
     unless overridden (``dcomp train`` trains from scratch with its own)."""
-    from dcomp.train import FINETUNE_DEFAULTS, TrainConfig
+    from dcomp.train_config import FINETUNE_DEFAULTS, TrainConfig
 
     base = {n: f.default for n, f in TrainConfig.model_fields.items()}
     values = {**base, **FINETUNE_DEFAULTS, **defaults}
@@ -277,7 +350,7 @@ def train_config(**values):
     """Build a TrainConfig from CLI option values, turning validation errors into one line."""
     from pydantic import ValidationError
 
-    from dcomp.train import TrainConfig
+    from dcomp.train_config import TrainConfig
 
     try:
         return TrainConfig(**values)
