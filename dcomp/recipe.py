@@ -633,9 +633,10 @@ def _run_bench(ckpt, s, ctx, state):
 
 
 def bench_headline(summary: dict[str, Any]) -> str:
-    """'hybrid 1.90x faster; sparse same (1.01x) vs baseline dense, batch 1': p50 speed of each
-    model target against the reference."""
-    from dcomp.runtime.sparse import speed_words
+    """'sparse same (0.91-1.08x); hybrid 1.90x faster (1.71-2.05) (vs baseline dense, batch 1)':
+    p50 speed of each model target against the reference, a difference called only when the
+    p10-p90 spreads of the interleaved rounds do not overlap."""
+    from dcomp.runtime.bench import speed_label
 
     parts = []
     batch = min(summary.get("batches") or [1])
@@ -644,8 +645,12 @@ def bench_headline(summary: dict[str, Any]) -> str:
             continue
         for r in t.get("results", []):
             if r.get("batch") == batch and r.get("vs_reference"):
-                parts.append(f"{t['name']} {speed_words(r['vs_reference'])}")
-    return f"{'; '.join(parts)} (vs {summary.get('reference')}, batch {batch})" if parts else ""
+                parts.append(f"{t['name']} {speed_label(r)}")
+    if not parts:
+        return ""
+    load = summary.get("loadavg")
+    busy = f"; load {load[0]:.1f} on {summary.get('threads')} threads" if load and load[0] > (summary.get("threads") or 1) else ""
+    return f"{'; '.join(parts)} (vs {summary.get('reference')}, batch {batch}{busy})"
 
 
 RUNNERS: dict[str, StageRunner] = {
