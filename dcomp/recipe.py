@@ -448,7 +448,10 @@ class WorkdirLock:
     def __enter__(self):
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DcompError(f"cannot use the work directory {self.path.parent}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -492,7 +495,10 @@ def run_recipe(recipe: Recipe, model_bytes: bytes, source: str, workdir: Path, c
     problem = check_order(recipe, input_quantized=bool(input_ckpt.quant))
     if problem:
         raise RecipeError(f"{recipe.path}: stages.{problem[0]}: {problem[1]}")
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DcompError(f"cannot create the work directory {workdir}: {e.strerror or e}") from None
     with WorkdirLock(workdir):
         return _run_locked(recipe, model_bytes, workdir, ctx, input_ckpt, on_stage, fresh, settings)
 

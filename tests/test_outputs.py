@@ -108,6 +108,11 @@ def test_full_disk_and_read_only_folder_fail_before_training(cli, small_mount, l
     ro = small_mount("ro", "ro,size=1m")
     r = cli("train", "--epochs", "30", "-o", ro / "o.pt")
     assert r.exit_code == 1 and "Read-only file system" in one_error_line(r) and "epoch" not in r.stderr
+    rec = full.parent / "r.yaml"
+    rec.write_text("name: x\nstages:\n  - stage: prune\n    sparsity: 0.5\n")
+    r = cli("run", rec, "--model", lenet_path, "-o", full.parent / "o.pt", "--workdir", ro / "work")
+    assert r.exit_code == 1 and "cannot create the work directory" in one_error_line(r)
+    assert not (full.parent / "o.pt").exists()
 
 
 def test_stale_temp_files_of_dead_processes_are_removed(cli, tmp_path, lenet_path):
