@@ -23,7 +23,6 @@ import json, sys
 bench = [r for r in map(json.loads, open(sys.argv[1])) if r.get("stage") == "bench"]
 if bench:
     m = bench[-1]["metrics"]
-    load = m.get("loadavg") or [0]
     print(f"== speed: {m.get('headline') or 'not measured'}")
-    print(f"   (load average {load[0]:.1f} with {m.get('threads')} threads; 'same' = no difference beyond the noise)")
+    print("   ('same': the p10-p90 spreads of the interleaved rounds overlap, no difference beyond the noise)")
 PY
