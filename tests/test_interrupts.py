@@ -119,6 +119,11 @@ def test_signal_at_random_moments_of_a_pipeline_stage(tmp_path, lenet_path):
         _, err = p.communicate(timeout=120)
         if p.returncode == 0:  # the signal came after the output was in place
             assert o.read_bytes()[:2] == b"PK" and len(o.read_bytes()) == len(good)
+        elif p.returncode == -signal.SIGABRT:
+            # KNOWN, not fixed (docs/RELIABILITY.md): the interrupt landed in Python code that torch's
+            # C++ called (pybind11), which aborts; the files are still as promised
+            assert "pybind11::error_already_set" in err, err
+            assert o.read_bytes() == b"old"
         else:
             assert p.returncode == EXIT[sig] and err.strip().splitlines()[-1] == LAST_LINE[sig], err
             assert o.read_bytes() == b"old"
