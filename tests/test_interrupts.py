@@ -120,8 +120,8 @@ def test_signal_at_random_moments_of_a_pipeline_stage(tmp_path, lenet_path):
         if p.returncode == 0:  # the signal came after the output was in place
             assert o.read_bytes()[:2] == b"PK" and len(o.read_bytes()) == len(good)
         elif p.returncode == -signal.SIGABRT:
-            # KNOWN, not fixed (docs/RELIABILITY.md): the interrupt landed in Python code that torch's
-            # C++ called (pybind11), which aborts; the files are still as promised
+            # rare, documented in docs/RELIABILITY.md: the interrupt landed in Python code that torch's
+            # C++ called (pybind11), which aborts; held during torch's import now, possible elsewhere
             assert "pybind11::error_already_set" in err, err
             assert o.read_bytes() == b"old"
         else:

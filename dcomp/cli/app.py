@@ -127,6 +127,7 @@ class DcompGroup(TyperGroup):
         if standalone_mode:
             if code >= 128 and code - 128 in (2, 1, 15):  # after an interrupt: no interpreter shutdown
                 signals.exit_now(code)
+            signals.finishing()  # a signal during the shutdown must not turn this code into a kill
             sys.exit(code)
         return code
 
