@@ -7,7 +7,7 @@ import sys
 if sys.path and sys.path[0] in ("", os.getcwd()):
     sys.path.pop(0)
 
-from dcomp.cli.app import main  # noqa: E402
+from dcomp.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -32,13 +32,14 @@ import difflib
 import hashlib
 import importlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dcomp.errors import DcompError, UsageError
 from dcomp.formats.checkpoint import Checkpoint, atomic_write, read_checkpoint
@@ -46,6 +47,10 @@ from dcomp.stages import StageContext, StageResult
 from dcomp.train import FINETUNE_DEFAULTS, TrainConfig
 
 RECIPE_VERSION = 1
+# Command-line spellings accepted in recipes too (old scripts and habits): flag -> (block, key).
+CLI_SPELLINGS: dict[str, dict[str, tuple[str, str]]] = {
+    "prune": {"epochs_per_round": ("retrain", "epochs")},
+}
 COMMON_STAGE_KEYS = ("stage", "name", "note")
 # Training blocks inside stages (prune.retrain, retrain.train, quantize.finetune, finetune.train)
 # start from FINETUNE_DEFAULTS, as the commands do, not from training-from-scratch ones.
@@ -64,11 +69,28 @@ class Defaults(BaseModel):
 class RecipeHead(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: str = Field(description="one file-name component: it names the default work directory")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_recipe_name(v)
     description: str = ""
     version: int = Field(RECIPE_VERSION, description="recipe format version")
     defaults: Defaults = Field(default_factory=Defaults)
     stages: list[dict[str, Any]] = Field(min_length=1)
+
+
+def check_recipe_name(name: str) -> str:
+    """A recipe's name becomes a folder name (dcomp-run-NAME): one path component, no escape."""
+    if not name or not name.strip():
+        raise ValueError("a recipe name must not be empty")
+    if len(name) > 100:
+        raise ValueError("a recipe name is at most 100 characters")
+    if any(c in name for c in "/\\") or name in (".", "..") or any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise ValueError(f"the name {name!r} must be one file-name component (no '/', '\\', '..' or control "
+                         f"characters): it names the work directory, e.g. name: my-recipe")
+    return name
 
 
 class EvalConfig(BaseModel):
@@ -251,7 +273,7 @@ def load_recipe(path: str | Path, sets: list[str] | None = None, text: str | Non
         if err["type"] == "extra_forbidden":
             owner = Defaults if loc[:1] == ("defaults",) else RecipeHead
             fail(loc, "unknown key", owner, str(loc[-1]))
-        fail(loc, err["msg"])
+        fail(loc, str(err["msg"]).removeprefix("Value error, "))
 
     stages: list[Stage] = []
     for i, raw in enumerate(head.stages):
@@ -265,6 +287,13 @@ def load_recipe(path: str | Path, sets: list[str] | None = None, text: str | Non
                  + (f"; did you mean '{close[0]}'?" if close else ""))
         cls = STAGES[kind].config()
         body = {k.replace("-", "_"): v for k, v in raw.items() if k not in COMMON_STAGE_KEYS}
+        for flag, (block, key) in CLI_SPELLINGS.get(kind, {}).items():  # a command's flag name, written in a recipe
+            if flag in body and flag not in cls.model_fields:
+                value = body.pop(flag)
+                if not isinstance(body.get(block), dict):
+                    body[block] = {} if body.get(block) is None else body[block]
+                if isinstance(body[block], dict):
+                    body[block].setdefault(key, value)
         if kind == "distill":
             body.setdefault("distill", {}).setdefault("teacher", "input")
         for key, f in cls.model_fields.items():
@@ -280,7 +309,13 @@ def load_recipe(path: str | Path, sets: list[str] | None = None, text: str | Non
                 fail(eloc, "unknown key", owner, str(eloc[-1]))
             msg = err["msg"].removeprefix("Value error, ")
             fail(eloc, msg)
-        stages.append(Stage(i, kind, str(raw.get("name") or f"{i:02d}-{kind}"), str(raw.get("note", "")), cfg))
+        note = str(raw.get("note", ""))
+        changed = sorted(".".join(map(str, t[2:])) for t in overridden
+                         if t[:2] == ("stages", i) and len(t) > 2 and t[2] not in COMMON_STAGE_KEYS)
+        if note and changed and ("stages", i, "note") not in overridden:
+            # a note restates values ("5 bits per fc layer"): after --set it would say what is not done
+            note = f"(recipe note not shown: --set changed {', '.join(changed)})"
+        stages.append(Stage(i, kind, str(raw.get("name") or f"{i:02d}-{kind}"), note, cfg))
     recipe = Recipe(path, head.name, head.description, head.defaults, stages, data)
     problem = check_order(recipe)
     if problem:
@@ -399,6 +434,49 @@ def _append_log(log: Path, rec: RunRecord) -> None:
     with open(log, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec.__dict__, default=str) + "\n")
         f.flush()
+        os.fsync(f.fileno())
+
+
+LOCK_NAME = ".dcomp-run.lock"
+
+
+class WorkdirLock:
+    """An exclusive ``fcntl.flock`` on ``WORKDIR/.dcomp-run.lock`` for the whole run: a second
+    ``dcomp run`` on the same work directory is refused instead of interleaving its log and
+    outputs. The kernel drops the lock when the process ends, however it ends (SIGKILL too)."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self):
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DcompError(f"cannot use the work directory {self.path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.read(fd, 64).decode("ascii", "replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise DcompError(f"work directory {self.path.parent} is in use by another dcomp run{who}; wait for it "
+                             f"to finish, or give this run its own --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the file stays (removing it would race a waiting run)
+            self._fd = None
+        return False
 
 
 StageRunner = Callable[[Checkpoint, Stage, StageContext, "RunState"], tuple[Checkpoint | None, bytes | None, dict]]
@@ -421,7 +499,16 @@ def run_recipe(recipe: Recipe, model_bytes: bytes, source: str, workdir: Path, c
     problem = check_order(recipe, input_quantized=bool(input_ckpt.quant))
     if problem:
         raise RecipeError(f"{recipe.path}: stages.{problem[0]}: {problem[1]}")
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DcompError(f"cannot create the work directory {workdir}: {e.strerror or e}") from None
+    with WorkdirLock(workdir):
+        return _run_locked(recipe, model_bytes, workdir, ctx, input_ckpt, on_stage, fresh, settings)
+
+
+def _run_locked(recipe: Recipe, model_bytes: bytes, workdir: Path, ctx: StageContext, input_ckpt: Checkpoint,
+                on_stage, fresh: bool, settings) -> tuple[RunState, list[RunRecord]]:
     log = workdir / "run.jsonl"
     if fresh and log.exists():
         log.unlink()
@@ -564,9 +651,10 @@ def _run_bench(ckpt, s, ctx, state):
 
 
 def bench_headline(summary: dict[str, Any]) -> str:
-    """'hybrid 1.90x faster; sparse same (1.01x) vs baseline dense, batch 1': p50 speed of each
-    model target against the reference."""
-    from dcomp.runtime.sparse import speed_words
+    """'sparse same (0.91-1.08x); hybrid 1.90x faster (1.71-2.05) (vs baseline dense, batch 1)':
+    p50 speed of each model target against the reference, a difference called only when the
+    p10-p90 spreads of the interleaved rounds do not overlap."""
+    from dcomp.runtime.bench import speed_label
 
     parts = []
     batch = min(summary.get("batches") or [1])
@@ -575,8 +663,12 @@ def bench_headline(summary: dict[str, Any]) -> str:
             continue
         for r in t.get("results", []):
             if r.get("batch") == batch and r.get("vs_reference"):
-                parts.append(f"{t['name']} {speed_words(r['vs_reference'])}")
-    return f"{'; '.join(parts)} (vs {summary.get('reference')}, batch {batch})" if parts else ""
+                parts.append(f"{t['name']} {speed_label(r)}")
+    if not parts:
+        return ""
+    load = summary.get("loadavg")
+    busy = f"; load {load[0]:.1f} on {summary.get('threads')} threads" if load and load[0] > (summary.get("threads") or 1) else ""
+    return f"{'; '.join(parts)} (vs {summary.get('reference')}, batch {batch}{busy})"
 
 
 def _run_factorize(ckpt, s, ctx, state):

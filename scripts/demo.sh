@@ -16,3 +16,13 @@ echo "== running configs/deep-compression.yaml" >&2
 dcomp run configs/deep-compression.yaml --model "$model" -o "$out/model.dcz" --workdir "$out/work" --fresh
 echo "== what is in the packed file" >&2
 dcomp inspect "$out/model.dcz"
+# the headline: the bench stage's verdicts, a difference called only when the p10-p90 spreads of
+# the interleaved rounds do not overlap (unstructured sparsity runs at dense speed in onnxruntime)
+python - "$out/work/run.jsonl" <<'PY' >&2
+import json, sys
+bench = [r for r in map(json.loads, open(sys.argv[1])) if r.get("stage") == "bench"]
+if bench:
+    m = bench[-1]["metrics"]
+    print(f"== speed: {m.get('headline') or 'not measured'}")
+    print("   ('same': the p10-p90 spreads of the interleaved rounds overlap, no difference beyond the noise)")
+PY

@@ -10,6 +10,8 @@ import torch
 # `pytest -n 2` runs two workers on a 2-core machine: one thread each, or they oversubscribe
 # the cores (torch's default of 2 threads per process made the suite several times slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses the tests start
+# caches (the zoo table) go to a fresh folder, not the user's ~/.cache
+os.environ.setdefault("DCOMP_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="dcomp-test-cache-"))
 torch.set_num_threads(1)
 
 

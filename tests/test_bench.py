@@ -208,3 +208,66 @@ def test_chunk_pool_runs_every_chunk_once_and_passes_errors_on():
     chunks = row_chunks(rowptr, 2)
     assert chunks[0][0] == 0 and chunks[-1][1] == 5 and all(a < b for a, b in chunks)
     assert all(c[1] == d[0] for c, d in zip(chunks, chunks[1:]))
+
+
+# ---- labels: spread over interleaved rounds (issue 19 item 5) ---------------------------------------
+
+class _Sleeper:
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def run(self, x):
+        import time as _t
+
+        _t.sleep(self.seconds)
+        return x
+
+
+class _Matmul:
+    def __init__(self):
+        import numpy as _np
+
+        self.w = _np.random.default_rng(0).standard_normal((256, 256)).astype("float32")
+
+    def run(self, x):
+        return x @ self.w
+
+
+def _results(runners, x):
+    from dcomp.runtime.bench import compare, percentiles, spread, time_rounds
+
+    lats, rounds = time_rounds(runners, x, warmup=2, iters=60, seconds=0.5)
+    res = [{**percentiles(lat), **spread(rd)} for lat, rd in zip(lats, rounds)]
+    return [compare(r, res[0]) | r for r in res]
+
+
+def test_identical_computations_are_called_the_same():
+    import numpy as _np
+
+    from dcomp.runtime.bench import speed_label
+
+    x = _np.ones((16, 256), _np.float32)
+    m = _Matmul()
+    ref, twin = _results([m, m], x)  # the very same computation, timed as two targets
+    assert twin["verdict"] == "same", twin
+    assert speed_label(twin).startswith("same (") and twin["rounds"] >= 3
+
+
+def test_a_real_difference_is_called_with_its_interval():
+    import numpy as _np
+
+    from dcomp.runtime.bench import speed_label
+
+    ref, fast, slow = _results([_Sleeper(0.004), _Sleeper(0.0005), _Sleeper(0.02)], _np.ones(1))
+    assert fast["verdict"] == "faster" and fast["vs_reference_interval"][0] > 1
+    assert slow["verdict"] == "slower" and slow["vs_reference_interval"][1] < 1
+    assert "faster (" in speed_label(fast) and speed_label(slow).startswith("slower: ")
+
+
+def test_load_above_the_thread_count_is_a_note(monkeypatch):
+    from dcomp.runtime import bench as b
+
+    monkeypatch.setattr(b.os, "getloadavg", lambda: (9.5, 8.0, 7.0))
+    assert "load average 9.5 exceeds the 2 threads" in b.load_note(2)
+    monkeypatch.setattr(b.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert b.load_note(2) is None

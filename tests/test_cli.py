@@ -119,6 +119,7 @@ def test_internal_errors_are_one_line_and_debug_shows_traceback(cli, tmp_path, m
         raise RuntimeError("kaput")
 
     monkeypatch.setattr("dcomp.models.build_zoo", lambda *a, **k: boom())
+    monkeypatch.setenv("DCOMP_CACHE_DIR", str(tmp_path))  # no cached zoo table: build the models
     r = cli("zoo")
     assert r.exit_code == 1 and "rerun with --debug" in _one_error_line(r)
     r = cli("zoo", "--debug")

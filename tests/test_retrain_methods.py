@@ -20,7 +20,7 @@ from tests.conftest import one_error_line
     (["--schedule", "gradual"], "--schedule"),
     (["--method", "lottery"], "--method"),
     (["--dns-c", "2"], "--dns-c only applies with --method dns"),
-    (["--final-sparsity", "0.5"], "only applies with --schedule agp"),
+    (["--final-sparsity", "0.5"], "only applies with --method agp"),
     (["--sparse-len", "2", "--method", "dns"], "--sparse-len only applies"),
     (["--kd-alpha", "0.5"], "only applies with --teacher"),
     (["--schedule", "agp", "--select", "best"], "--select last"),

@@ -24,7 +24,7 @@ except ImportError:  # older typer uses click itself
     from click import exceptions as click_exc
 
 from dcomp import __version__
-from dcomp.cli import common
+from dcomp.cli import common, signals
 from dcomp.errors import DcompError
 
 # Global options: name -> takes a value.
@@ -57,7 +57,28 @@ def hoist_global_options(args: list[str]) -> list[str]:
     return front + rest
 
 
+class _Interrupted(Exception):
+    """A KeyboardInterrupt (Ctrl-C, SIGTERM) carried past typer, which would turn it into exit 130
+    without a word (and, outside standalone mode, into a return value that was taken for 0)."""
+
+    def __init__(self, original: BaseException):
+        super().__init__(str(original))
+        self.original = original
+
+
 class DcompGroup(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Interrupted(e) from None
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise _Interrupted(e) from None
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
         args = hoist_global_options(args)
@@ -67,9 +88,14 @@ class DcompGroup(TyperGroup):
             sys.stderr.flush()
 
         try:
-            super().main(args=args, prog_name=prog_name or "dcomp", complete_var=complete_var,
-                         standalone_mode=False, **extra)
-            code = 0
+            rv = super().main(args=args, prog_name=prog_name or "dcomp", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0  # typer returns Exit codes
+            if code == 130:  # typer's own translation of a KeyboardInterrupt we did not see
+                err("interrupted")
+        except _Interrupted as e:
+            err(signals.message(e.original))
+            code = signals.exit_code(e.original)
         except (typer.Exit, getattr(click_exc, "Exit", typer.Exit)) as e:
             code = e.exit_code
         except getattr(click_exc, "NoArgsIsHelpError", ()) as e:
@@ -89,9 +115,9 @@ class DcompGroup(TyperGroup):
                 traceback.print_exc()
             err(f"error: {e}")
             code = e.exit_code
-        except KeyboardInterrupt:
-            err("interrupted")
-            code = 130
+        except KeyboardInterrupt as e:
+            err(signals.message(e))
+            code = signals.exit_code(e)
         except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             if debug:
                 traceback.print_exc()
@@ -99,6 +125,9 @@ class DcompGroup(TyperGroup):
             err(f"error: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
             code = 1
         if standalone_mode:
+            if code >= 128 and code - 128 in (2, 1, 15):  # after an interrupt: no interpreter shutdown
+                signals.exit_now(code)
+            signals.finishing()  # a signal during the shutdown must not turn this code into a kill
             sys.exit(code)
         return code
 
@@ -133,21 +162,30 @@ def global_options(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
 ):
     """Global options; they may also follow the sub-command."""
-    import torch
-
     if device not in ("cpu", "cuda", "auto"):
         raise typer.BadParameter(f"--device must be cpu, cuda or auto, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DcompError("--device cuda: no CUDA device is available here; use --device cpu")
-    resolved = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    resolved = "cpu"
+    if device != "cpu":  # torch only when asked: `dcomp --help`, `zoo`, `inspect` start fast without it
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise DcompError("--device cuda: no CUDA device is available here; use --device cpu")
+        resolved = "cuda" if torch.cuda.is_available() else "cpu"
     seed_source = ctx.get_parameter_source("seed")
     common.state = common.GlobalOptions(json=json_, quiet=quiet, debug=debug, seed=seed,
                                         seed_given=seed_source is not None and seed_source.name != "DEFAULT",
                                         threads=threads, device=resolved, trust_pickle=trust_pickle)
     common.threads_env()
-    from dcomp.train import use_device
+    if resolved != "cpu" or "dcomp.train" in sys.modules:  # cpu is the training default
+        from dcomp.train import use_device
 
-    use_device(resolved)
+        use_device(resolved)
+
+
+# shown under every command's --help: global options may stand before or after the command
+GLOBAL_HELP = ("Global options (before or after the command): --json (JSON summary), -q/--quiet, "
+               "--seed N, --threads N, --device cpu|cuda|auto, --debug (tracebacks), --trust-pickle, "
+               "--version. Exit status: 0 done, 1 error, 2 usage error, 130 interrupted (143 on SIGTERM).")
 
 
 def _register() -> None:
@@ -161,14 +199,15 @@ def _register() -> None:
                 ("export", export.export), ("bench", bench.bench), ("run", run.run),
                 ("factorize", factorize.factorize)]
     for name, fn in commands:  # help: the function's docstring, else its module's
-        app.command(name, help=fn.__doc__ or sys.modules[fn.__module__].__doc__)(fn)
-    app.add_typer(recipe.recipe_app, name="recipe")
+        app.command(name, help=fn.__doc__ or sys.modules[fn.__module__].__doc__, epilog=GLOBAL_HELP)(fn)
+    app.add_typer(recipe.recipe_app, name="recipe", epilog=GLOBAL_HELP)
 
 
 _register()
 
 
 def main() -> None:
+    signals.install()
     app()
 
 

@@ -73,6 +73,7 @@ def _config(**values):
 
 
 def render(c, s: dict) -> None:
+    from dcomp.runtime.bench import speed_label
     from dcomp.runtime.sparse import speed_words
 
     load = s.get("loadavg")
@@ -86,7 +87,7 @@ def render(c, s: dict) -> None:
             first = i == 0
             t.add_row(tg["name"] if first else "", str(r["batch"]),
                       f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['throughput_per_s']:,.0f}",
-                      "reference" if tg["name"] == s["reference"] else speed_words(r["vs_reference"]),
+                      "reference" if tg["name"] == s["reference"] else speed_label(r),
                       human_bytes(tg["model_bytes"]) if first and tg["model_bytes"] else "",
                       human_bytes(tg["rss_added_bytes"]) if first and tg["rss_added_bytes"] is not None else "",
                       f"{tg['top1']:.2f}" if first and tg["top1"] is not None else "")
@@ -96,6 +97,8 @@ def render(c, s: dict) -> None:
     engines = ", ".join(f"{tg['name']}: {tg['engine']}" for tg in s["targets"])
     c.print(f"[dim]engines: {engines}[/dim]")
     c.print(f"[dim]mem: {s['memory_how']}; size of a hybrid target: its ONNX segments + CSR arrays[/dim]")
+    c.print("[dim]vs reference: p50 ratio; in brackets the range the p10-p90 spreads of the interleaved rounds "
+            "allow; 'same' when it includes 1[/dim]")
     for n in s.get("notes", []):
         c.print(f"note: {n}")
     _render_hybrid_choice(c, s)

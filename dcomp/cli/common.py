@@ -80,42 +80,61 @@ def read_input(path: Optional[str], what: str = "a model file") -> Input:
 
 @dataclass
 class Sink:
-    """Where a command's binary output goes; decided before any work so a bad -o fails fast."""
+    """Where a command's binary output goes; decided before any work so a bad -o fails fast.
+    Files are written atomically (dcomp.atomic): an interrupted command leaves the old file or
+    none, never a temporary file; devices, FIFOs and /dev paths are written through."""
 
     path: Path | None  # None = stdout
 
     def write(self, data: bytes) -> str:
-        from dcomp.formats.checkpoint import atomic_write
+        from dcomp.atomic import atomic_write
+        from dcomp.cli import signals
 
         if not is_main_process():
             return "<rank 0 writes>"
         if self.path is None:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
+            try:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                raise DcompError("stdout was closed before the output was written (the next command in the pipe "
+                                 "stopped)") from None
+            signals.committed()
             return "<stdout>"
-        atomic_write(self.path, data)
+        atomic_write(self.path, data, on_commit=signals.committed)
         return str(self.path)
 
 
 def plan_output(output: Optional[str], inp: Input | None = None, what: str = "checkpoint",
-                reads: tuple[Optional[str], ...] = ()) -> Sink:
-    """Decide where output goes. ``reads``: other files the command reads (a recipe, a teacher),
-    which -o must not overwrite either."""
+                reads: tuple[Optional[str], ...] = (), expected_bytes: int | None = None) -> Sink:
+    """Decide where output goes, and probe that it can be written (folder exists and is writable,
+    room for about ``expected_bytes``, default the input's size) before any work. ``reads``: other
+    files the command reads (a recipe, a teacher), which -o must not overwrite either."""
+    from dcomp.atomic import check_writable, output_kind
+
     if output == "-" or (output is None and not sys.stdout.isatty()):
         state.stdout_taken = True
         return Sink(None)
     if output is None:
         raise UsageError(f"where should the {what} go? give -o PATH, or pipe stdout into another command")
     p = Path(output)
-    if inp is not None and inp.path is not None and p.exists() and p.resolve() == inp.path.resolve():
-        raise UsageError(f"-o {output} would overwrite the input; choose another output path")
-    for other in reads:
-        if other and p.exists() and Path(other).exists() and p.resolve() == Path(other).resolve():
-            raise UsageError(f"-o {output} would overwrite {other}, which this command reads; choose another output path")
     if p.is_dir():
         raise UsageError(f"-o {output} is a directory; give a file name")
-    if not p.parent.exists():
+    if not p.is_symlink() and not p.parent.is_dir():
         raise UsageError(f"-o {output}: folder {p.parent} does not exist")
+    kind, target = output_kind(p)
+    if kind == "stdout":
+        state.stdout_taken = True
+        return Sink(None)
+    if kind == "file":
+        if inp is not None and inp.path is not None and target.exists() and target == inp.path.resolve():
+            raise UsageError(f"-o {output} would overwrite the input; choose another output path")
+        for other in reads:
+            if other and target.exists() and Path(other).exists() and target == Path(other).resolve():
+                raise UsageError(f"-o {output} would overwrite {other}, which this command reads; choose another output path")
+    if expected_bytes is None and inp is not None:
+        expected_bytes = len(inp.data)
+    check_writable(p, expected_bytes)
     return Sink(p)
 
 
@@ -170,12 +189,88 @@ def load_checkpoint(inp: Input, arch: str | None = None, arch_kwargs: str | None
                       execute=execute)
     if used:
         ckpt.data = used
+        # the shape came from the data, not from the model: check that the model takes it now,
+        # rather than as a torch traceback deep inside a stage (never for info/inspect: execute=False)
+        if execute:
+            check_input_fits(ckpt.build_model(trust_pickle=state.trust_pickle), ckpt.input_shape,
+                             _data_words(data or "digits", resize))
+    elif arch is not None:
+        _check_arch_flag(ckpt, arch, inp.source)
     note = (ckpt.provenance[-1].get("params", {}).get("graph_note") if ckpt.provenance
             and ckpt.provenance[-1].get("stage") == "import" else None)
     if note and ckpt.arch.get("kind") in ("factory", "import"):
         log(f"note: {arch} is stored as a reference, not as a graph ({note}); later commands on the "
             f"output need --arch {arch} again (or --trust-pickle)")
     return ckpt
+
+
+def _data_words(spec: str, resize: int | None) -> str:
+    return f"--data {spec}" + (f" --resize {resize}" if resize else "")
+
+
+def _check_arch_flag(ckpt, arch: str, source: str) -> None:
+    """--arch given for a file that records its own architecture: fine if it agrees, else say so."""
+    recorded = ckpt.arch.get("name") or ckpt.arch.get("target")
+    if recorded == arch:
+        return
+    kind = ckpt.arch.get("kind")
+    what = f"{kind} {recorded}" if recorded else f"a {kind} archive"
+    raise UsageError(f"--arch {arch}: {source} records its own architecture ({what}), which is used; "
+                     f"--arch is for plain state_dicts only (drop it)")
+
+
+def expected_input(model) -> str | None:
+    """What the model's first layer takes, in words: '(3, H, W)', '784 features'."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Conv3d)):
+            dims = {nn.Conv1d: "L", nn.Conv2d: "H, W", nn.Conv3d: "D, H, W"}[type(m)]
+            return f"({m.in_channels}, {dims})"
+        if isinstance(m, nn.Linear):
+            return f"{m.in_features} features"
+        if isinstance(m, nn.Embedding):
+            return "token ids"
+    return None
+
+
+def check_input_fits(model, input_shape, data_words: str) -> None:
+    """One forward pass on zeros of ``input_shape``; a failure is one line saying what the model
+    expects and what the data gives (a UsageError), not a torch traceback."""
+    import math
+
+    import torch
+
+    shape = tuple(int(s) for s in input_shape)
+    was_training = getattr(model, "training", False)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+        return
+    except Exception as e:  # noqa: BLE001 - any failure here is the model refusing this input
+        error = e
+    finally:
+        if was_training:
+            model.train()
+    given = f"{data_words} gives {shape}"
+    want = expected_input(model)
+    if want is None:
+        first = (str(error).splitlines() or [""])[0]
+        raise UsageError(f"the model does not take input {shape} ({type(error).__name__}: {first[:120]}); "
+                         f"{given}: use --resize or other data") from None
+    hint = "use --resize or other data"
+    if want.endswith("features"):
+        n = int(want.split()[0])
+        c = shape[0] if len(shape) == 3 else 1
+        side = math.isqrt(n // c) if n % c == 0 else 0
+        if len(shape) == 3 and side * side * c == n and side != shape[-1]:
+            hint = f"use --resize {side} or other data"
+        want = f"input of {n} features (flattened)"
+        given = f"{given} = {math.prod(shape)}"
+    else:
+        want = f"input {want}"
+    raise UsageError(f"model expects {want}; {given}: {hint}") from None
 
 
 def dataset_for(ckpt, data: str | None, resize: int | None):
@@ -188,21 +283,23 @@ def dataset_for(ckpt, data: str | None, resize: int | None):
             resize = ckpt.data.get("resize")
     ds = load_dataset(data, resize)
     if list(ds.input_shape) != list(ckpt.input_shape):
-        raise UsageError(
-            f"data {data} has input shape {list(ds.input_shape)} but the model takes {list(ckpt.input_shape)}"
-            f" (use --resize or another --data)"
-        )
+        raise UsageError(f"model expects input {tuple(ckpt.input_shape)}; {_data_words(data, resize)} gives "
+                         f"{tuple(ds.input_shape)}: use --resize or other data")
     if ds.num_classes > ckpt.num_classes:
         raise UsageError(f"data {data} has {ds.num_classes} classes but the model outputs {ckpt.num_classes}")
     return ds
 
 
 def threads_env() -> None:
-    """Apply --threads to torch (and record it for onnxruntime sessions)."""
-    import torch
-
-    if state.threads is not None:
-        torch.set_num_threads(state.threads)
+    """Apply --threads to torch (and record it for onnxruntime sessions). Torch is not imported
+    for this: if it is not loaded yet, OMP_NUM_THREADS tells it at import."""
+    if state.threads is None:
+        return
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(state.threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(state.threads)
+        os.environ["MKL_NUM_THREADS"] = str(state.threads)
 
 
 def env_flag(name: str) -> bool:
@@ -214,7 +311,9 @@ def env_flag(name: str) -> bool:
 InputArg = Annotated[Optional[str], typer.Argument(
     help="model file (path, or '-' / omitted to read stdin): a dcomp checkpoint, .dcz, state_dict (+ --arch), "
          "or TorchScript (TorchScript is code: it runs when loaded, so give only your own)", show_default=False)]
-OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="output path ('-' or omitted with a piped stdout: stdout)", show_default=False)]
+OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="output path ('-' or omitted with a piped stdout: stdout). Written atomically (temporary file + rename; "
+                                                       "a symlink's target is replaced, the link kept); character devices, FIFOs and /dev/* are "
+                                                       "written through, where no atomicity is possible", show_default=False)]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture for a plain state_dict: zoo name, package.module:factory "
                                                              "(a module in the current folder works) or path/to/file.py:factory; "
                                                              "importing runs that code. A file naming this same factory is then trusted too")]
@@ -241,7 +340,7 @@ def with_train_options(exclude: tuple[str, ...] = (), **defaults):
     --weight-decay, --lr-schedule, --select), declared once here; the command receives their
     values as ``train_opts`` (a dict for ``train_config``). Defaults are the fine-tuning ones
     unless overridden (``dcomp train`` trains from scratch with its own)."""
-    from dcomp.train import FINETUNE_DEFAULTS, TrainConfig
+    from dcomp.train_config import FINETUNE_DEFAULTS, TrainConfig
 
     base = {n: f.default for n, f in TrainConfig.model_fields.items()}
     values = {**base, **FINETUNE_DEFAULTS, **defaults}
@@ -268,7 +367,7 @@ def train_config(**values):
     """Build a TrainConfig from CLI option values, turning validation errors into one line."""
     from pydantic import ValidationError
 
-    from dcomp.train import TrainConfig
+    from dcomp.train_config import TrainConfig
 
     try:
         return TrainConfig(**values)

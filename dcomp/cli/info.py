@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from rich.table import Table
 
 from dcomp.cli import common
@@ -17,6 +16,8 @@ def describe_arch(arch: dict) -> str:
 
 
 def layer_rows(ckpt) -> list[dict]:
+    import torch
+
     rows = []
     for name in ckpt.param_names():
         t = ckpt.state_dict[name]
@@ -66,14 +67,17 @@ def info(model: InputArg = None, arch: ArchOpt = None, arch_kwargs: ArchKwargsOp
             c.print(f"note: other commands will not build this model without trust: {trust_note}")
         p = Table(title="provenance", title_justify="left")
         for col in ("#", "stage", "time", "params", "metrics"):
-            p.add_column(col)
+            p.add_column(col, no_wrap=col in ("#", "stage", "time"), overflow="fold")
         for i, e in enumerate(ckpt.provenance):
-            p.add_row(str(i), e["stage"], e.get("time", ""), _short(e.get("params", {})), _short(e.get("metrics", {})))
+            p.add_row(str(i), e["stage"], str(e.get("time", ""))[:16].replace("T", " "), _short(e.get("params", {})),
+                      _short(e.get("metrics", {})))
         c.print(p)
 
     common.emit(summary, human)
 
 
-def _short(d: dict, limit: int = 80) -> str:
-    text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items() if v is not None)
+def _short(d: dict, limit: int = 240) -> str:
+    """k=v pairs; nested tables (per-layer details) are left to --json."""
+    text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items()
+                     if v is not None and not isinstance(v, (dict, list)))
     return text if len(text) <= limit else text[: limit - 1] + "…"

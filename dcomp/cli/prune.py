@@ -93,7 +93,7 @@ def render(c, metrics: dict, dest: str) -> None:
         t.add_column("layer", no_wrap=True)
         t.add_column("shape", no_wrap=True)
         t.add_column("weights", justify="right", no_wrap=True)
-        t.add_column("note")
+        t.add_column("note", overflow="fold")
         for r in rows:
             t.add_row(r["layer"], f"{'x'.join(map(str, r['shape_before']))} -> {'x'.join(map(str, r['shape_after']))}",
                       f"{fmt(r['weights_before'])} -> {fmt(r['weights_after'])}", r["note"].split(" (")[0])
@@ -104,7 +104,7 @@ def render(c, metrics: dict, dest: str) -> None:
     else:
         t = Table(title=f"pruned ({metrics['method']}, target {metrics['target']})", title_justify="left")
         for col in ("layer", "shape", "weights", "pruned", "sparsity", "note"):
-            t.add_column(col, justify="right" if col in ("weights", "pruned", "sparsity") else "left")
+            t.add_column(col, justify="right" if col in ("weights", "pruned", "sparsity") else "left", overflow="fold")
         for r in rows:
             t.add_row(r["layer"], "x".join(map(str, r["shape"])), fmt(r["weights"]), fmt(r["pruned"]),
                       f"{r['sparsity']:.2%}", r["note"])

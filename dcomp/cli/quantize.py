@@ -89,7 +89,7 @@ def _render(c, metrics: dict, dest: str) -> None:
                                                                                  "quantized (k-means weight sharing)")
     t = Table(title=title, title_justify="left")
     for col in ("layer", "bits", "clusters", "non-zeros", "MSE", "SQNR dB", "note"):
-        t.add_column(col, justify="left" if col in ("layer", "note") else "right")
+        t.add_column(col, justify="left" if col in ("layer", "note") else "right", overflow="fold")
     for name, m in metrics["layers"].items():
         sqnr = "exact" if m["sqnr_db"] is None else f"{m['sqnr_db']:.1f}"
         t.add_row(name, str(m["bits"]), f"{m['clusters']}/{m['k']}", fmt(m["nonzero"]), f"{m['mse']:.3g}", sqnr,

@@ -24,9 +24,9 @@ def validate(recipe: Annotated[str, typer.Argument(help="recipe YAML file")], se
     def human(c):
         t = Table(title=f"{rec.path}: recipe '{rec.name}' is valid", title_justify="left")
         for col in ("#", "stage", "note", "settings"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")  # narrow terminals: wrap, never cut to "..."
         for s in stages:
-            t.add_row(str(s["index"]), s["stage"], s["note"], json.dumps(s["params"], separators=(",", ":"))[:120])
+            t.add_row(str(s["index"]), s["stage"], s["note"], json.dumps(s["params"], separators=(", ", ": ")))
         c.print(t)
 
     common.emit({"valid": True, "name": rec.name, "defaults": rec.defaults.model_dump(), "stages": stages}, human)

@@ -1,5 +1,5 @@
 """Fine-tune a pruned or quantized checkpoint with its masks kept (pruned weights stay zero),
-optionally with a training-time method: AGP (--schedule agp), Dynamic Network Surgery
+optionally with a training-time method: AGP (--method agp), Dynamic Network Surgery
 (--method dns), IHT/DSD (--method iht|dsd), L1 / group-lasso regularisers (--l1, --group-lasso,
 --remove-below for structural removal afterwards) and distillation (--teacher)."""
 
@@ -14,7 +14,7 @@ from dcomp.cli.common import ArchKwargsOpt, ArchOpt, DataOpt, EpochsOpt, InputAr
 from dcomp.cli.ui import TrainProgress, kv_table
 from dcomp.errors import UsageError
 
-P_AGP = "AGP (--schedule agp)"
+P_AGP = "AGP (--method agp)"
 P_DNS = "Dynamic Network Surgery (--method dns)"
 P_IHT = "IHT / DSD (--method iht|dsd)"
 P_REG = "Regularisers"
@@ -51,14 +51,14 @@ def retrain(
     resize: ResizeOpt = None,
     epochs: EpochsOpt = 5,
     # ---- mask methods
-    schedule: Annotated[Optional[str], _opt("--schedule", help="agp: gradual pruning on Zhu & Gupta's cubic schedule", panel=P_AGP)] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", hidden=True, help="old spelling of --method agp")] = None,
     initial_sparsity: Annotated[Optional[float], _opt("--initial-sparsity", help="AGP s_i [default 0]", panel=P_AGP)] = None,
     final_sparsity: Annotated[Optional[float], _opt("--final-sparsity", help="AGP s_f [default 0.9]", panel=P_AGP)] = None,
     start: Annotated[Optional[float], _opt("--start", help="AGP t0: first mask update, in --schedule-unit [default 0]", panel=P_AGP)] = None,
     end: Annotated[Optional[float], _opt("--end", help="AGP: last update no later than this, in --schedule-unit [default: 3/4 of training]", panel=P_AGP)] = None,
     every: Annotated[Optional[float], _opt("--every", help="AGP dt: interval between mask updates, in --schedule-unit [default 1]", panel=P_AGP)] = None,
     schedule_unit: Annotated[str, _opt("--schedule-unit", help="unit of --start/--end/--every and of the IHT phase lengths: epochs (fractions allowed) or steps (optimizer steps)", panel=P_AGP)] = "epochs",
-    method: Annotated[Optional[str], _opt("--method", help="dns (Dynamic Network Surgery), iht (sparse first) or dsd (dense first); both end sparse", panel=P_DNS)] = None,
+    method: Annotated[Optional[str], _opt("--method", help="agp (gradual pruning on Zhu & Gupta's cubic schedule), dns (Dynamic Network Surgery), iht (sparse first) or dsd (dense first); all end sparse", panel=P_DNS)] = None,
     dns_c: Annotated[Optional[float], _opt("--dns-c", help="threshold t = mean|w| + c*std|w| per layer; a, b = 0.9t, 1.1t [default 1.0]", panel=P_DNS)] = None,
     dns_gamma: Annotated[Optional[float], _opt("--dns-gamma", help="mask updated with probability (1+gamma*iter)^-power [default 1e-4]", panel=P_DNS)] = None,
     dns_power: Annotated[Optional[float], _opt("--dns-power", help="see --dns-gamma [default 1]", panel=P_DNS)] = None,
@@ -91,14 +91,18 @@ def retrain(
     # ---- every option is checked before anything is read or trained
     train_cfg = common.train_config(epochs=epochs, **train_opts)
     if schedule is not None and schedule != "agp":
-        raise UsageError(f"--schedule: only 'agp' is known, got {schedule!r}")
+        raise UsageError(f"--schedule: only 'agp' is known, got {schedule!r} (the new spelling is --method agp)")
+    if method == "agp":  # --schedule agp is the old spelling: the AGP code below keys on `schedule`
+        if schedule is not None:
+            raise UsageError("give AGP once: --method agp (--schedule agp is its old spelling)")
+        schedule, method = "agp", None
     if method is not None and method not in ("dns", "iht", "dsd"):
-        raise UsageError(f"--method: choose dns, iht or dsd, got {method!r}")
+        raise UsageError(f"--method: choose agp, dns, iht or dsd, got {method!r}")
     if schedule and method:
-        raise UsageError(f"--schedule agp and --method {method} both change the masks; choose one")
+        raise UsageError(f"--method agp and --method {method} both change the masks; choose one")
     if schedule_unit not in ("epochs", "steps"):
         raise UsageError(f"--schedule-unit: choose epochs or steps, got {schedule_unit!r}")
-    _unused(schedule == "agp", "--schedule agp", initial_sparsity=initial_sparsity, final_sparsity=final_sparsity,
+    _unused(schedule == "agp", "--method agp", initial_sparsity=initial_sparsity, final_sparsity=final_sparsity,
             start=start, end=end, every=every)
     _unused(method == "dns", "--method dns", dns_c=dns_c, dns_gamma=dns_gamma, dns_power=dns_power, dns_stop=dns_stop)
     _unused(method in ("iht", "dsd"), "--method iht or dsd", sparsity=sparsity, sparse_len=sparse_len, dense_len=dense_len)

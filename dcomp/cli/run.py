@@ -17,7 +17,8 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a r
 
 def run(
     recipe: Annotated[str, typer.Argument(help="recipe YAML file (see configs/ and docs/RECIPES.md)")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="input model file ('-' or omitted: stdin)")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="input model file ('-' or omitted: stdin)")] = None,
+    model_m: Annotated[Optional[str], typer.Option("-m", hidden=True, help="old spelling of --model")] = None,
     output: OutputOpt = None,
     workdir: Annotated[Optional[str], typer.Option("--workdir", help="where stage outputs and run.jsonl go (default: OUTPUT.work/, or dcomp-run-NAME/ when the result goes to stdout)")] = None,
     set_: SetOpt = None,
@@ -32,6 +33,10 @@ def run(
     from dcomp.stages import StageContext
     from dcomp.train import evaluate
 
+    if model_m is not None:  # `-m` means --method in prune; kept here only so old scripts work
+        if model is not None:
+            raise common.UsageError("give the model once: --model (-m is its old spelling)")
+        model = model_m
     rec = load_recipe(recipe, set_ or [])  # everything validated before any work
     inp = common.read_input(model)
     if output and output.endswith(".dcz") and not rec.packs:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import torch
 import typer
 
 from dcomp.cli import common
@@ -22,6 +21,8 @@ def train(
     output: OutputOpt = None,
     train_opts: dict | None = None,
 ):
+    import torch
+
     from dcomp.data import load_dataset
     from dcomp.formats.checkpoint import Checkpoint
     from dcomp.formats.model_input import parse_arch_kwargs
@@ -48,6 +49,7 @@ def train(
     else:
         raise common.UsageError(f"unknown architecture {arch!r}: zoo models are {', '.join(ZOO)} (or use package.module:factory)")
 
+    common.check_input_fits(model, ds.input_shape, common._data_words(ds.spec, resize))
     con = common.console()
     progress = TrainProgress(con, "train")
     result = fit(model, ds, cfg, seed=common.state.seed, progress=progress)

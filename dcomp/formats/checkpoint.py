@@ -33,7 +33,6 @@ import datetime as _dt
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,33 +176,11 @@ class Checkpoint:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
-    if path.is_dir():
-        raise DcompError(f"{path}: is a directory; give a file name for the output")
-    if not path.parent.exists():
-        raise DcompError(f"{path.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would (or the old file's)
-        if path.exists():
-            mode = path.stat().st_mode & 0o777
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one
+    (temporary file + fsync + rename + folder fsync; symlinks, devices and FIFOs: see dcomp.atomic)."""
+    from dcomp.atomic import atomic_write as _atomic_write
+
+    _atomic_write(path, data)
 
 
 def _plain(obj: Any) -> Any:

@@ -11,7 +11,9 @@ Targets (each a runner from dcomp.runtime.runner / .sparse):
     pytorch          eager PyTorch, for reference (model and baseline)
 
 Per target and batch size: latency p50/p90/p99 (per call, perf_counter), throughput (samples/s at
-the mean latency), speed against the reference at p50; per target: model bytes, accuracy on the
+the mean latency), speed against the reference at p50 with the p10-p90 spread of the medians of
+interleaved rounds (a difference is called only when the intervals do not overlap; a note warns
+when the load average exceeds the threads timed); per target: model bytes, accuracy on the
 test split, and the resident memory the target added while it was built and ran its first batch
 (peak of /proc/self/statm sampled every 2 ms, minus the level before; Linux only, approximate
 because freed memory is not always returned to the OS).
@@ -306,24 +308,90 @@ def percentiles(lat: np.ndarray) -> dict[str, float]:
 
 def time_interleaved(runners: list, x: np.ndarray, warmup: int, iters: int, seconds: float,
                      block: int = 5) -> list[np.ndarray]:
-    """Per-call latencies (s) for each runner: after ``warmup`` calls each, blocks of ``block``
-    calls in turn until each has ``iters`` calls or the budget (``seconds`` per runner) is used;
-    at least 3 calls each whatever the budget."""
+    """Per-call latencies (s) for each runner (see ``time_rounds``)."""
+    return time_rounds(runners, x, warmup, iters, seconds, block)[0]
+
+
+def time_rounds(runners: list, x: np.ndarray, warmup: int, iters: int, seconds: float,
+                block: int = 5) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Interleaved rounds: after ``warmup`` calls each, every round gives each runner ``block``
+    calls in turn (starting one runner later each round, so no runner is always first), until each has ``iters`` calls or the budget (``seconds`` per runner) is used;
+    at least 3 rounds whatever the budget. Returns per runner the per-call latencies (s) and the
+    median of each round: load on the machine hits every runner of a round alike, and the spread
+    of the round medians is what a difference between runners must exceed."""
     for r in runners:
         for _ in range(warmup):
             r.run(x)
     lat: list[list[float]] = [[] for _ in runners]
+    rounds: list[list[float]] = [[] for _ in runners]
     deadline = time.perf_counter() + seconds * len(runners)
+    n = len(runners)
+    k = 0
     while True:
-        for i, r in enumerate(runners):
-            for _ in range(min(block, iters - len(lat[i]))):
+        for i in [(k + j) % n for j in range(n)]:  # each round starts with the next runner: no position bias
+            r = runners[i]
+            calls = []
+            for _ in range(max(1, min(block, iters - len(lat[i])))):
                 t0 = time.perf_counter()
                 r.run(x)
-                lat[i].append(time.perf_counter() - t0)
+                calls.append(time.perf_counter() - t0)
+            lat[i] += calls
+            rounds[i].append(float(np.median(calls)))
+        k += 1
         done = all(len(v) >= iters for v in lat)
-        if done or (time.perf_counter() > deadline and all(len(v) >= 3 for v in lat)):
+        if done or (time.perf_counter() > deadline and all(len(v) >= 3 for v in rounds)):
             break
-    return [np.asarray(v) for v in lat]
+    return [np.asarray(v) for v in lat], [np.asarray(v) for v in rounds]
+
+
+def spread(round_medians: np.ndarray) -> dict[str, float]:
+    """p10 / p90 of the round medians (ms): the interval a faster or slower call must leave."""
+    return {"round_p10_ms": float(np.percentile(round_medians, 10) * 1e3),
+            "round_p90_ms": float(np.percentile(round_medians, 90) * 1e3), "rounds": int(round_medians.size)}
+
+
+def compare(r: dict, ref: dict) -> dict[str, Any]:
+    """Speed of result ``r`` against the reference's, at p50, with the interval the spreads allow:
+    [ref p10 / r p90, ref p90 / r p10]. A difference is called only when the two p10-p90
+    intervals do not overlap (the interval excludes 1); otherwise the verdict is 'same'."""
+    out: dict[str, Any] = {"vs_reference": ref["p50_ms"] / r["p50_ms"]}
+    if "round_p10_ms" in r and "round_p10_ms" in ref:
+        lo = ref["round_p10_ms"] / r["round_p90_ms"]
+        hi = ref["round_p90_ms"] / r["round_p10_ms"]
+        out["vs_reference_interval"] = [lo, hi]
+        out["verdict"] = "faster" if lo > 1.0 else "slower" if hi < 1.0 else "same"
+    return out
+
+
+def speed_label(r: dict) -> str:
+    """'2.31x faster (2.10-2.52)', 'slower: 0.61x (0.55-0.66)', 'same (0.83-1.25x)'."""
+    x = r["vs_reference"]
+    if "verdict" not in r:
+        from dcomp.runtime.sparse import speed_words
+
+        return speed_words(x)
+    lo, hi = r["vs_reference_interval"]
+
+    def num(v: float) -> str:
+        return f"{v:.2f}" if v >= 0.1 else f"{v:.2g}"
+
+    if r["verdict"] == "faster":
+        return f"{num(x)}x faster ({num(lo)}-{num(hi)})"
+    if r["verdict"] == "slower":
+        return f"slower: {num(x)}x ({num(lo)}-{num(hi)})"
+    return f"same ({num(lo)}-{num(hi)}x)"
+
+
+def load_note(threads: int) -> str | None:
+    """A warning when the machine is busier than the threads being timed (1-minute load average)."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    if load > threads:
+        return (f"load average {load:.1f} exceeds the {threads} thread{'s' if threads != 1 else ''} timed: other "
+                f"work shares the cores, so latencies are noisy; a difference is called only where the p10-p90 "
+                f"intervals of the interleaved rounds do not overlap")
+    return None
 
 
 def top1(runner, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
@@ -358,6 +426,9 @@ def run_bench(ckpt: Checkpoint, cfg: BenchConfig, threads: int, baseline: Checkp
     x_pool = data.x_test.numpy() if data is not None else None
     first = make_batch(x_pool, ckpt.input_shape, max(cfg.batches), seed)
     targets, notes = build_targets(ckpt, baseline, cfg, threads, first, trust_pickle, log)
+    busy = load_note(threads)
+    if busy:
+        notes.append(busy)
     ref = next((t for t in targets if t.role == "baseline" and t.engine == "onnxruntime"), None) \
         or next((t for t in targets if t.engine == "onnxruntime" and t.variant in ("dense", "shrunk")), None) \
         or targets[0]
@@ -383,13 +454,13 @@ def run_bench(ckpt: Checkpoint, cfg: BenchConfig, threads: int, baseline: Checkp
         pairs = []
         for g in groups:
             if g:
-                pairs += zip(g, time_interleaved([t.runner for t in g], x, cfg.warmup, cfg.iters, cfg.seconds))
-        for t, lat in pairs:
-            t.results.append({"batch": b, **percentiles(lat), "throughput_per_s": b / float(np.median(lat)),
-                              "calls": int(lat.size)})
+                pairs += zip(g, *time_rounds([t.runner for t in g], x, cfg.warmup, cfg.iters, cfg.seconds))
+        for t, lat, rounds in pairs:
+            t.results.append({"batch": b, **percentiles(lat), **spread(rounds),
+                              "throughput_per_s": b / float(np.median(lat)), "calls": int(lat.size)})
     for t in targets:
         for r, rr in zip(t.results, ref.results):
-            r["vs_reference"] = rr["p50_ms"] / r["p50_ms"]
+            r.update(compare(r, rr))
     summary: dict[str, Any] = {
         "threads": threads, "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "data": data.spec if data is not None else None, "reference": ref.name,
