@@ -341,7 +341,7 @@ CASES = {
     "not utf8": (frame(b"\xff\xfe", []), "not valid UTF-8 JSON"),
     "not object": (frame(b"[1, 2]", []), "not a JSON object"),
     "missing field": (frame({k: v for k, v in base_header().items() if k != "tensors"}, []), "bad header field tensors"),
-    "bad dtype": (frame(base_header([{**RAW, "dtype": "complex64"}]), [bytes(8)]), "unknown dtype 'complex64' (tensor w)"),
+    "bad dtype": (frame(base_header([{**RAW, "dtype": "complex64"}]), [bytes(8)]), "tensors[0].dtype: unknown value 'complex64'"),
     "negative shape": (frame(base_header([{**RAW, "shape": [-2]}]), [bytes(8)]), "tensors[0].shape"),
     "duplicate": (frame(base_header([RAW, RAW]), [bytes(8), bytes(8)]), "duplicate tensor name w"),
     "truncated": (GOOD[:-3], "truncated"),
@@ -356,7 +356,7 @@ CASES = {
     "bad stream": (frame(base_header([{**RAW, "encoding": "sparse", "index_bits": 5, "nnz": 0,
                                        "gaps": {"section": 0, "count": 1, "alphabet": 3, "coding": "fixed", "width": 2},
                                        "values": {"kind": "raw", "section": 1}}]), [bytes(1), b""]),
-                   "tensor w gaps: stream alphabet 3"),
+                   "tensors[0].gaps.alphabet: 3 is not a power of two (tensor w)"),
     "bad support mask": (frame({**base_header([RAW]), "masks": {"w": {"encoding": "support"}}}, [bytes(8)]),
                          "mask w: a 'support' mask needs"),
 }
@@ -533,7 +533,7 @@ def test_corpus_replay():
         data = f.read_bytes()
         if f.name.startswith("ok_"):
             ck = dcz.read_bytes(data, f.name)
-            assert_same(ck, dcz.read_bytes(dcz.write_bytes(ck)))
+            assert_same(ck, dcz.read_bytes(dcz.write_bytes(ck, dcz.PackConfig(keep_times=True))))  # old files carry times
         else:
             with pytest.raises(FormatError):
                 dcz.read_bytes(data, f.name)

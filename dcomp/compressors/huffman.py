@@ -289,24 +289,50 @@ def decode_streams(items: list[tuple[dict, bytes | memoryview]]) -> list[np.ndar
                 huff.append((i, rec, lens, bb, payload))
         except StreamError as e:
             raise StreamError(str(e), i) from None
-    if huff:
+    for batch in _batches(huff):
         decoded = None
         if _numba_kernel() is not None:
             try:
-                decoded = _decode_huffman_numba(huff)
+                decoded = _decode_huffman_numba(batch)
             except StreamError:
                 raise
             except Exception:  # noqa: BLE001 - compiling or threading failed here: numpy from now on
                 global _KERNEL
                 _KERNEL = None
         if decoded is None:
-            decoded = _decode_huffman_lockstep(huff)
+            decoded = _decode_huffman_lockstep(batch)
         for i, arr in decoded:
             out[i] = arr
     for i, (rec, _) in enumerate(items):
         if out[i].size and int(out[i].max()) >= rec["alphabet"]:
             raise StreamError("symbol outside the alphabet", i)
     return out  # type: ignore[return-value]
+
+
+LUT_BUDGET = 1 << 22        # lookup-table entries decoded together (each stream's table has 2^maxlen)
+LOCKSTEP_BUDGET = 1 << 24   # numpy path: (longest block) x (blocks) entries decoded together
+
+
+def _batches(huff: list) -> list[list]:
+    """Split the Huffman streams into groups decoded together, so that memory stays bounded
+    whatever the file claims: at most LUT_BUDGET table entries (a stream with a 15-bit code costs
+    32768 however few bytes its table takes) and LOCKSTEP_BUDGET lockstep cells per group (a
+    stream with 4096-symbol blocks beside one with a million 1-symbol blocks would otherwise
+    need 4096 x 1M cells). A single stream is never split: its cells are about its symbol count."""
+    out, cur, lut, bmax, nblocks = [], [], 0, 0, 0
+    for h in huff:
+        size = 1 << int(h[2].max())
+        b, nb = h[1]["block"], len(h[3])
+        if cur and (lut + size > LUT_BUDGET or max(bmax, b) * (nblocks + nb) > LOCKSTEP_BUDGET):
+            out.append(cur)
+            cur, lut, bmax, nblocks = [], 0, 0, 0
+        cur.append(h)
+        lut += size
+        bmax = max(bmax, b)
+        nblocks += nb
+    if cur:
+        out.append(cur)
+    return out
 
 
 def _check_pad(buf, nbits: int) -> None:

@@ -10,23 +10,30 @@ import torch
 
 from dcomp.compressors import huffman as hf
 from dcomp.formats.checkpoint import Checkpoint
+from dcomp.formats import limits as _limits
+from dcomp.formats.dcz import errors as E
 from dcomp.formats.dcz import kernels
 from dcomp.formats.dcz.claims import _check_claims
 from dcomp.formats.dcz.header import _fail, read_header
-from dcomp.formats.dcz.spec import DEFAULT_MAX_BYTES, DTYPES, _from_bits, _numel, _widen, gap_positions
+from dcomp.formats.dcz.spec import DTYPES, _from_bits, _numel, _widen, gap_positions
 
 
 # ---- reading: decode ---------------------------------------------------------------------------
 
-def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_BYTES) -> Checkpoint:
-    """Decode a .dcz file into a Checkpoint; any defect raises a one-line FormatError."""
+def read_bytes(data: bytes, source: str = "input", max_bytes: int | None = None,
+               limits: _limits.Limits | None = None) -> Checkpoint:
+    """Decode a .dcz file into a Checkpoint; any defect raises a one-line FormatError (a subclass of
+    dcomp.formats.dcz.errors.DczError naming the check). ``max_bytes`` overrides ``limits.max_decoded``
+    (default: dcomp.formats.limits.current())."""
     data = bytes(data)
-    hdr = read_header(data, source)
-    rd = _check_claims(data, hdr, source, max_bytes)
+    lim = limits or _limits.current()
+    hdr = read_header(data, source, lim)
+    rd = _check_claims(data, hdr, source, max_bytes, lim)
     h = hdr.h
     for i, (b, e, crc) in enumerate(hdr.sections):
         if zlib.crc32(memoryview(data)[b:e]) != crc:
-            raise _fail(source, f"section {i} ({rd.used.get(i, 'unused')}) checksum mismatch (corrupt file)")
+            raise _fail(source, f"section {i} ({rd.used.get(i, 'unused')}) checksum mismatch (corrupt file)",
+                        E.SectionChecksum)
     # all streams of the file decoded together
     items, owners = [], []
     for t in h["tensors"]:
@@ -41,7 +48,7 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
         decoded = hf.decode_streams(items)
     except hf.StreamError as e:
         who = owners[e.index] if e.index is not None else "?"
-        raise _fail(source, f"tensor {who}: {e}") from None
+        raise _fail(source, f"tensor {who}: {e}", E.BadStream) from None
     it = iter(decoded)
     byname = {t["name"]: t for t in h["tensors"]}
     state_dict: dict[str, torch.Tensor] = {}
@@ -57,7 +64,7 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
         if t["encoding"] == "raw":
             arr = _widen(rd.sec_bytes(t["section"]), t.get("stored_dtype", dt), dt)
             if dt == "bool" and arr.size and (arr.view(np.uint8) > 1).any():
-                raise rd.fail(what, "bool bytes other than 0 and 1")
+                raise rd.fail_decode(what, "bool bytes other than 0 and 1")
             state_dict[name] = _from_bits(arr, dt, shape)
             continue
         if t["encoding"] == "sparse" and t["values"]["kind"] == "codebook" and kernels._assemble_kernel() is not None:
@@ -67,9 +74,9 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
             try:
                 pos = gap_positions(next(it), numel, t["index_bits"])
             except ValueError as e:
-                raise rd.fail(what, str(e)) from None
+                raise rd.fail_decode(what, str(e)) from None
             if len(pos) != t["nnz"]:
-                raise rd.fail(what, f"relative indices list {len(pos)} values, header says nnz {t['nnz']}")
+                raise rd.fail_decode(what, f"relative indices list {len(pos)} values, header says nnz {t['nnz']}")
         else:
             pos = None
         v = t["values"]
@@ -79,7 +86,7 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
             cb = _widen(rd.sec_bytes(v["codebook"]), v.get("stored_dtype", dt), dt)
             idx = next(it)
             if idx.size and int(idx.max()) >= len(cb):
-                raise rd.fail(what, f"codebook index {int(idx.max())} out of range for {len(cb)} entries")
+                raise rd.fail_decode(what, f"codebook index {int(idx.max())} out of range for {len(cb)} entries")
             vals = cb[idx]
             indices[name] = idx
         if pos is None:
@@ -107,7 +114,7 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int = DEFAULT_MAX_
             raw = np.frombuffer(rd.sec_bytes(m["section"]), dtype=np.uint8)
             bits = np.unpackbits(raw)
             if bits[numel:].any():
-                raise rd.fail(f"mask {name}", "padding bits of the bitmap are not zero")
+                raise rd.fail_decode(f"mask {name}", "padding bits of the bitmap are not zero")
             masks[name] = torch.from_numpy(bits[:numel].astype(bool)).reshape(m["shape"])
     quant = {}
     for name, q in h["quant"].items():
@@ -166,11 +173,11 @@ def _assemble_fused(t, gsyms, idx, rd, h, state_dict, fused_masks, fused_assign)
     else:
         assign = np.zeros(0, dtype=np.uint8)
     if t["nnz"] != len(idx):
-        raise rd.fail(f"tensor {name}", f"index stream holds {len(idx)} values, header says nnz {t['nnz']}")
+        raise rd.fail_decode(f"tensor {name}", f"index stream holds {len(idx)} values, header says nnz {t['nnz']}")
     status = kernels._assemble_kernel()(gsyms, (1 << t["index_bits"]) - 1, numel, idx, cb, out, mask, want_mask,
                                 assign, want_assign)
     if status:
-        raise rd.fail(f"tensor {name}", {
+        raise rd.fail_decode(f"tensor {name}", {
             1: "relative indices run past the end of the tensor",
             2: "relative indices stop short of the tensor's end",
             3: f"relative indices do not list exactly nnz={t['nnz']} values",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import struct
 
 from dcomp.compressors import huffman as hf
+from dcomp.formats import limits as _limits
 from dcomp.formats.dcz.claims import _check_claims
 from dcomp.formats.dcz.header import read_header
-from dcomp.formats.dcz.spec import DEFAULT_MAX_BYTES, MAJOR, _numel
+from dcomp.formats.dcz.spec import MAJOR, _numel
 
 
 # ---- inspect (header only) ---------------------------------------------------------------------
@@ -24,10 +25,14 @@ def _stream_stats(s: dict | None) -> dict | None:
             "payload_bytes": payload, "table_bytes": hf.table_bytes(s)}
 
 
-def inspect_bytes(data: bytes, source: str = "input") -> dict:
-    """Per-tensor sizes and stream statistics from the header and section table alone."""
-    hdr = read_header(data, source)
-    rd = _check_claims(data, hdr, source, DEFAULT_MAX_BYTES * 1024)
+def inspect_bytes(data: bytes, source: str = "input", limits: _limits.Limits | None = None) -> dict:
+    """Per-tensor sizes and stream statistics from the header and section table alone.
+
+    Every header limit applies except the decoded size, which is reported (``decoded_bytes``,
+    ``max_decoded``) rather than refused: inspect is how one learns what a file would cost."""
+    lim = limits or _limits.current()
+    hdr = read_header(data, source, lim)
+    rd = _check_claims(data, hdr, source, 1 << 80, lim)
     h = hdr.h
 
     def slen(ref) -> int:
@@ -66,7 +71,7 @@ def inspect_bytes(data: bytes, source: str = "input") -> dict:
         q = h["quant"].get(t["name"])
         if q:
             for key in ("codebook", "assignments"):
-                if "section" in q[key]:
+                if "from" not in q[key]:
                     parts["other"] += slen(q[key]["section"])
         total = sum(parts.values())
         rows.append({"name": t["name"], "shape": t["shape"], "dtype": t["dtype"], "stored_dtype": stored,
@@ -81,4 +86,5 @@ def inspect_bytes(data: bytes, source: str = "input") -> dict:
             "file_bytes": file_bytes, "header_bytes": hdr.d, "header_json_bytes": hdr.json_bytes,
             "header_stored_bytes": hdr.stored, "header_compressed": hdr.compressed, "sections": len(hdr.sections),
             "dense_float32_bytes": dense, "ratio": dense / file_bytes if file_bytes else None,
-            "params": sum(r["numel"] for r in rows), "layers": rows, "provenance_stages": [p.get("stage") for p in h["provenance"] if isinstance(p, dict)]}
+            "params": sum(r["numel"] for r in rows),
+            "decoded_bytes": rd.total, "max_decoded": lim.decoded(), "layers": rows, "provenance_stages": [p.get("stage") for p in h["provenance"] if isinstance(p, dict)]}

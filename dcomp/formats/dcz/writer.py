@@ -35,6 +35,8 @@ class PackConfig(BaseModel):
     block: int = Field(hf.DEFAULT_BLOCK, description="symbols per Huffman block")
     verify: bool = Field(True, description="decode the packed bytes and compare bit for bit")
     compress_header: bool = Field(True, description="store the header JSON zlib-compressed when that is smaller")
+    keep_times: bool = Field(False, description="keep provenance 'time' entries (off: packed files carry no "
+                                                "wall-clock time, so the same checkpoint always packs to the same bytes)")
     fp16_exact: bool = Field(True, description="store float32 payloads (raw tensors, raw values, codebooks) as "
                                                "float16 when every element converts back bit-identically")
 
@@ -283,7 +285,8 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
         "dcz": MAJOR, "dcomp_version": __version__,
         "arch": _json_plain(arch, "arch"), "input_shape": [int(s) for s in ckpt.input_shape],
         "num_classes": int(ckpt.num_classes), "data": _json_plain(ckpt.data, "data"),
-        "provenance": _json_plain(ckpt.provenance, "provenance"),
+        "provenance": _json_plain(ckpt.provenance if cfg.keep_times else _without_times(ckpt.provenance),
+                                  "provenance"),
         "sections": [], "tensors": tensors, "masks": masks, "quant": quant,
     }
     offset = 0
@@ -308,6 +311,10 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
     if cfg.verify:
         _verify(ckpt, read_bytes(data, source="packed bytes"))
     return data, inspect_bytes(data, source="packed bytes")
+
+
+def _without_times(prov: list) -> list:
+    return [{k: v for k, v in p.items() if k != "time"} if isinstance(p, dict) else p for p in prov]
 
 
 def write_bytes(ckpt: Checkpoint, cfg: PackConfig | None = None) -> bytes:
