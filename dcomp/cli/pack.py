@@ -163,4 +163,4 @@ def _render(c, report: dict, title: str) -> None:
         over = report["decoded_bytes"] > report["max_decoded"]
         c.print(f"decodes to {report['decoded_bytes']:,} bytes ({human_bytes(report['decoded_bytes'])})"
                 + (f", over the --max-decoded limit of {human_bytes(report['max_decoded'])}: unpack would refuse it"
-                   if over else ""))
+                   if over else ""), soft_wrap=True)

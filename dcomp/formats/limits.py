@@ -72,7 +72,12 @@ def current() -> Limits:
 
 
 def set_overrides(**values: int | None) -> None:
-    """Command-line flags (None = not given)."""
+    """Command-line flags (None = not given); replaces any earlier overrides."""
+    _override.clear()
+    _add(values)
+
+
+def _add(values: dict) -> None:
     for k, v in values.items():
         if k not in ENV:
             raise KeyError(k)
@@ -84,7 +89,7 @@ def set_overrides(**values: int | None) -> None:
 def overridden(**values: int | None):
     saved = dict(_override)
     try:
-        set_overrides(**values)
+        _add(values)
         yield current()
     finally:
         _override.clear()

@@ -134,6 +134,7 @@ def _inflate_header(raw: bytes, usize: int, source: str) -> bytes:
 class _Schema:
     def __init__(self, source: str, lim: _limits.Limits):
         self.source, self.lim = source, lim
+        self.tables = 0     # Huffman streams seen (refused here, before the remaining records are read)
         self.ctx = ""       # " (tensor NAME)" while checking a tensor record
 
     def bad(self, path: str, why: str) -> E.DczError:
@@ -185,6 +186,10 @@ class _Schema:
         if coding == "fixed":
             self.int_(s.get("width"), f"{path}.width", 1, 16)
         else:
+            self.tables += 1
+            if self.tables > self.lim.max_tables:
+                raise _fail(self.source, f"{path}: more than {self.lim.max_tables:,} Huffman tables in one file; "
+                                         f"refusing ({_limits.hint('max_tables')})", E.LimitExceeded)
             self.int_(s.get("block"), f"{path}.block", 1, hf.MAX_BLOCK)
             self.int_(s.get("bits"), f"{path}.bits")
             ent = s.get("entropy")
