@@ -476,10 +476,18 @@ def _restore(workdir: Path, prev: dict[str, Any], spec: StageSpec, state: RunSta
     if _sha(data) != prev.get("output_sha256"):
         return False
     if spec.produces == "checkpoint":
-        state.current = read_checkpoint(data, str(p))
+        state.current = _reread(data, str(p), state)
     else:
         state.packed = data
     return True
+
+
+def _reread(data: bytes, source: str, state) -> Checkpoint:
+    """A stage output this run wrote, read back: it keeps what the user vouched for on the input
+    (typed --arch, their own TorchScript), since its architecture came from there."""
+    ckpt = read_checkpoint(data, source)
+    ckpt.trusted_refs = state.input_ckpt.trusted_refs
+    return ckpt
 
 
 def _plain_metrics(m: dict[str, Any]) -> dict[str, Any]:
@@ -526,7 +534,7 @@ def _run_eval(ckpt, s, ctx, state):
 
     src = ckpt
     if state.packed is not None:  # after pack, judge what was actually written
-        src = read_checkpoint(state.packed, "packed")
+        src = _reread(state.packed, "packed", state)
     res = evaluate(src.build_model(trust_pickle=ctx.trust_pickle), ctx.data.x_test, ctx.data.y_test)
     return None, None, {**res, "params": src.param_count(), "nonzero": src.nonzero_count(),
                         "evaluated": "packed .dcz" if state.packed is not None else "checkpoint"}
@@ -543,7 +551,7 @@ def _run_bench(ckpt, s, ctx, state):
     from dcomp.runtime.bench import run_bench
     from dcomp.runtime.runner import resolve_threads
 
-    src = read_checkpoint(state.packed, "packed") if state.packed is not None else ckpt
+    src = _reread(state.packed, "packed", state) if state.packed is not None else ckpt
     log = (lambda m: ctx.console.print(f"[dim]{m}[/dim]")) if ctx.console is not None else None
     summary = run_bench(src, s.config, resolve_threads(ctx.threads), baseline=state.input_ckpt, data=ctx.data,
                         trust_pickle=ctx.trust_pickle, seed=ctx.seed, log=log)

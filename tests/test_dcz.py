@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dcomp.errors import FormatError
+from dcomp.errors import DcompError, FormatError
 from dcomp.formats import DCZ_MAGIC, dcz
 from dcomp.formats.checkpoint import Checkpoint, read_checkpoint
 
@@ -144,7 +144,9 @@ def test_torchscript_archive_goes_in_a_raw_section():
     ck = make_ckpt({k: v.detach() for k, v in m.state_dict().items()}, arch={"kind": "torchscript", "archive": archive})
     data, _, back = roundtrip(ck)
     assert b'"archive":{"section"' in header_json(data)
-    assert isinstance(back.build_model(), torch.nn.Module)
+    with pytest.raises(DcompError, match="TorchScript.*--trust-pickle"):  # code from the file: never by default
+        back.build_model()
+    assert isinstance(back.build_model(trust_pickle=True), torch.nn.Module)
 
 
 def test_inconsistent_quant_entries_still_round_trip():

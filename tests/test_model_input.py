@@ -8,6 +8,7 @@ from safetensors.torch import save as st_save
 
 from dcomp.errors import FormatError, UsageError
 from dcomp.formats.checkpoint import PickledObjectError
+from dcomp.formats.checkpoint import read_checkpoint
 from dcomp.formats.model_input import load_model, parse_arch_kwargs
 from dcomp.models import build_zoo
 
@@ -47,7 +48,8 @@ def test_state_dict_with_import_arch_and_kwargs():
     m = build_zoo("lenet-300-100", (1, 8, 8), 10, hidden=(40, 20)).eval()
     ckpt = load_model(_saved(m.state_dict()), "sd.pt", arch="dcomp.models.zoo:LeNet300100",
                       arch_kwargs={"input_shape": [1, 8, 8], "num_classes": 10, "hidden": [40, 20]}, shape_of=SHAPE)
-    assert ckpt.arch["kind"] == "import"
+    assert ckpt.arch["kind"] == "graph"  # typed factory, stored as data: later commands import nothing
+    assert ckpt.provenance[-1]["params"]["arch"] == "dcomp.models.zoo:LeNet300100"
     _same_outputs(ckpt, m)
 
 
@@ -66,14 +68,15 @@ def test_torchscript_archive():
     _same_outputs(ckpt, m)
 
 
-def test_pickled_module_needs_trust_and_then_becomes_torchscript():
+def test_pickled_module_needs_trust_and_then_becomes_a_graph():
     m = _model()
     data = _saved(m)
     with pytest.raises(PickledObjectError, match="runs code.*--trust-pickle"):
         load_model(data, "m.pt", shape_of=SHAPE)
     ckpt = load_model(data, "m.pt", trust_pickle=True, shape_of=SHAPE)
-    assert ckpt.arch["kind"] == "torchscript"  # later stages need no trust
-    _same_outputs(ckpt, m)
+    assert ckpt.arch["kind"] == "graph"  # plain data: later stages need no trust
+    back = read_checkpoint(ckpt.to_bytes())
+    _same_outputs(back, m)
 
 
 def test_state_dict_without_arch_says_pass_arch():
@@ -102,8 +105,8 @@ def test_arch_kwargs_parsing():
 
 
 def test_a_file_naming_a_function_as_architecture_is_not_called(tmp_path):
-    """A checkpoint is plain data, but its arch may name a factory: only nn.Module classes are
-    called from a file, or loading a file could run `os:system`."""
+    """A checkpoint is plain data, but its arch may name a factory: a factory named by a file is
+    never imported or called without --trust-pickle, or loading a file could run `os:system`."""
     from dcomp.errors import DcompError
     from dcomp.formats.checkpoint import Checkpoint, read_checkpoint
 
@@ -111,6 +114,6 @@ def test_a_file_naming_a_function_as_architecture_is_not_called(tmp_path):
     ckpt = Checkpoint(arch={"kind": "import", "target": "os:system", "kwargs": {"command": f"touch {marker}"}},
                       state_dict={}, input_shape=[1, 8, 8], num_classes=10)
     back = read_checkpoint(ckpt.to_bytes())
-    with pytest.raises(DcompError, match="not an nn.Module class.*--trust-pickle"):
+    with pytest.raises(DcompError, match="os:system.*--arch os:system or pass --trust-pickle"):
         back.build_model()
     assert not marker.exists()

@@ -129,7 +129,7 @@ def global_options(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch and onnxruntime")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto")] = "cpu",
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="allow loading pickled models (runs code from the file)")] = False,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="run code a file holds or names: pickled models, TorchScript inside a checkpoint or .dcz, a module:factory the file names (info and inspect never run any)")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
 ):
     """Global options; they may also follow the sub-command."""

@@ -9,7 +9,7 @@ import inspect
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -29,6 +29,7 @@ class GlobalOptions:
     threads: int | None = None
     device: str = "cpu"
     trust_pickle: bool = False
+    typed_archs: set[str] = field(default_factory=set)  # --arch targets typed in this process
     stdout_taken: bool = False  # a binary output went to stdout: JSON goes to stderr then
 
 
@@ -146,9 +147,12 @@ def _json_default(o: Any):
 # ---- model loading shared by the stage commands ------------------------------------------------
 
 def load_checkpoint(inp: Input, arch: str | None = None, arch_kwargs: str | None = None,
-                    data: str | None = None, resize: int | None = None):
+                    data: str | None = None, resize: int | None = None, execute: bool = True):
     """Any accepted model file -> Checkpoint. --data/--resize give the input shape where the
-    file does not (state_dicts, TorchScript); the dataset is then recorded in the checkpoint."""
+    file does not (state_dicts, TorchScript); the dataset is then recorded in the checkpoint.
+
+    ``arch`` was typed by the user: it joins ``state.typed_archs``, the references a file may
+    name and have imported without --trust-pickle. ``execute=False``: run nothing (info)."""
     from dcomp.data import load_dataset
     from dcomp.formats.model_input import load_model, parse_arch_kwargs
 
@@ -159,10 +163,18 @@ def load_checkpoint(inp: Input, arch: str | None = None, arch_kwargs: str | None
         used.update(spec=ds.spec, resize=resize)
         return list(ds.input_shape), ds.num_classes
 
+    if arch:
+        state.typed_archs.add(arch)
     ckpt = load_model(inp.data, inp.source, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                      trust_pickle=state.trust_pickle, shape_of=shape_of)
+                      trust_pickle=state.trust_pickle, shape_of=shape_of, typed=frozenset(state.typed_archs),
+                      execute=execute)
     if used:
         ckpt.data = used
+    note = (ckpt.provenance[-1].get("params", {}).get("graph_note") if ckpt.provenance
+            and ckpt.provenance[-1].get("stage") == "import" else None)
+    if note and ckpt.arch.get("kind") in ("factory", "import"):
+        log(f"note: {arch} is stored as a reference, not as a graph ({note}); later commands on the "
+            f"output need --arch {arch} again (or --trust-pickle)")
     return ckpt
 
 
@@ -199,9 +211,13 @@ def env_flag(name: str) -> bool:
 
 # ---- option types declared by several commands ---------------------------------------------------
 
-InputArg = Annotated[Optional[str], typer.Argument(help="model file (path, or '-' / omitted to read stdin)", show_default=False)]
+InputArg = Annotated[Optional[str], typer.Argument(
+    help="model file (path, or '-' / omitted to read stdin): a dcomp checkpoint, .dcz, state_dict (+ --arch), "
+         "or TorchScript (TorchScript is code: it runs when loaded, so give only your own)", show_default=False)]
 OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="output path ('-' or omitted with a piped stdout: stdout)", show_default=False)]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture for a plain state_dict: zoo name or package.module:factory")]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="architecture for a plain state_dict: zoo name, package.module:factory "
+                                                             "(a module in the current folder works) or path/to/file.py:factory; "
+                                                             "importing runs that code. A file naming this same factory is then trusted too")]
 ArchKwargsOpt = Annotated[Optional[str], typer.Option("--arch-kwargs", help="factory arguments: JSON object or k=v,k=v")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="dataset: digits, idx:DIR, npz:FILE, synthetic[:N] (default: the model's own, else digits)")]
 ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="rescale images to HxH")]

@@ -11,14 +11,9 @@ from dcomp.cli.ui import human_bytes
 
 
 def describe_arch(arch: dict) -> str:
-    kind = arch.get("kind")
-    if kind == "zoo":
-        return f"zoo:{arch['name']}" + (f" {arch['kwargs']}" if arch.get("kwargs") else "")
-    if kind == "import":
-        return f"{arch['target']}" + (f" {arch['kwargs']}" if arch.get("kwargs") else "")
-    if kind in ("torchscript", "pickle"):
-        return f"{kind} archive ({human_bytes(arch['archive'].numel())})"
-    return str(kind)
+    from dcomp.models.arch import describe_arch as describe
+
+    return describe(arch)
 
 
 def layer_rows(ckpt) -> list[dict]:
@@ -35,14 +30,26 @@ def layer_rows(ckpt) -> list[dict]:
 
 def info(model: InputArg = None, arch: ArchOpt = None, arch_kwargs: ArchKwargsOpt = None,
          data: DataOpt = None, resize: ResizeOpt = None):
+    """Show what a checkpoint holds: architecture, layers with shapes and density, provenance.
+
+    Never runs code from the file, whatever the flags: the model is not built (layers come from
+    the stored weights), TorchScript and pickled models are refused."""
+    from dcomp.models.arch import needs_trust
+
     inp = common.read_input(model)
-    ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
+    ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize, execute=False)
+    # which building would need trust: said, never done here
+    trust_note = needs_trust(ckpt.arch) if ckpt.arch.get("target") not in common.state.typed_archs else None
     rows = layer_rows(ckpt)
     params, nonzero = ckpt.param_count(), ckpt.nonzero_count()
-    summary = {"source": inp.source, "arch": {k: v for k, v in ckpt.arch.items() if k != "archive"},
+    arch_json = {k: v for k, v in ckpt.arch.items() if k not in ("archive", "graph")}
+    if isinstance(ckpt.arch.get("graph"), dict):  # the whole graph is long: its size here
+        arch_json.update(modules=len(ckpt.arch["graph"].get("modules") or []), nodes=len(ckpt.arch["graph"].get("nodes") or []))
+    summary = {"source": inp.source, "arch": arch_json,
                "input_shape": ckpt.input_shape, "num_classes": ckpt.num_classes, "data": ckpt.data,
                "params": params, "nonzero": nonzero, "density": nonzero / max(params, 1),
-               "file_bytes": len(inp.data), "layers": rows, "provenance": ckpt.provenance}
+               "file_bytes": len(inp.data), "layers": rows, "provenance": ckpt.provenance,
+               "arch_needs_trust": trust_note}
 
     def human(c):
         c.print(f"[bold]{inp.source}[/]: {describe_arch(ckpt.arch)}, input {list(ckpt.input_shape)}, "
@@ -55,6 +62,8 @@ def info(model: InputArg = None, arch: ArchOpt = None, arch_kwargs: ArchKwargsOp
             t.add_row(r["name"], "x".join(map(str, r["shape"])), f"{r['params']:,}", f"{r['nonzero']:,}",
                       f"{100 * r['density']:.2f}%", "yes" if r["masked"] else "", str(r["bits"] or ""))
         c.print(t)
+        if trust_note:
+            c.print(f"note: other commands will not build this model without trust: {trust_note}")
         p = Table(title="provenance", title_justify="left")
         for col in ("#", "stage", "time", "params", "metrics"):
             p.add_column(col)

@@ -63,6 +63,7 @@ def run(
 
     final_bytes = state.packed if state.packed is not None else state.current.to_bytes()
     final = read_checkpoint(final_bytes, "result") if state.packed is not None else state.current
+    final.trusted_refs = state.input_ckpt.trusted_refs  # same architecture as the input the user gave
     trust = common.state.trust_pickle
     before = evaluate(state.input_ckpt.build_model(trust_pickle=trust), ds.x_test, ds.y_test)["top1"]
     after = evaluate(final.build_model(trust_pickle=trust), ds.x_test, ds.y_test)["top1"]

@@ -37,8 +37,14 @@ def train(
         model = build_zoo(arch, ds.input_shape, ds.num_classes, **kwargs)
         arch_d = {"kind": "zoo", "name": arch, "kwargs": kwargs}
     elif ":" in arch:
+        from dcomp.models.arch import arch_record
+
+        common.state.typed_archs.add(arch)
         model = build_from_factory(arch, kwargs)
-        arch_d = {"kind": "import", "target": arch, "kwargs": kwargs}
+        arch_d, note = arch_record(model, ds.input_shape, arch, kwargs)  # as data when it can: later commands import nothing
+        if note:
+            common.log(f"note: {arch} is stored as a reference, not as a graph ({note}); later commands on the "
+                       f"output need --arch {arch} again (or --trust-pickle)")
     else:
         raise common.UsageError(f"unknown architecture {arch!r}: zoo models are {', '.join(ZOO)} (or use package.module:factory)")
 

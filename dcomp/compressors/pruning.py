@@ -299,17 +299,15 @@ def _global_masks(weights: dict[str, torch.Tensor], current: dict[str, torch.Ten
 def _prunable_numels(ckpt: Checkpoint, trust_pickle: bool) -> dict[str, int]:
     """Prunable weight names and sizes. Zoo/import architectures are built on the meta device
     (no memory, no initialisation), so a 50M-weight layer costs nothing here."""
-    from dcomp.models import build_from_factory, build_zoo, conform_to_state_dict, prunable_parameters
+    from dcomp.models import conform_to_state_dict, prunable_parameters
+    from dcomp.models.arch import REBUILDABLE_KINDS, build_reference, needs_trust, trust_of
 
     model = None
     kind = ckpt.arch.get("kind")
-    if kind in ("zoo", "import"):
+    if kind in REBUILDABLE_KINDS and needs_trust(ckpt.arch, trust_of(ckpt, trust_pickle)) is None:
         try:
             with torch.device("meta"):
-                if kind == "zoo":
-                    model = build_zoo(ckpt.arch["name"], ckpt.input_shape, ckpt.num_classes, **ckpt.arch.get("kwargs", {}))
-                else:
-                    model = build_from_factory(ckpt.arch["target"], ckpt.arch.get("kwargs", {}), trusted=trust_pickle)
+                model = build_reference(ckpt, trust_pickle)
                 conform_to_state_dict(model, ckpt.state_dict)
         except Exception:  # noqa: BLE001 - fall back to the ordinary build, which reports errors properly
             model = None

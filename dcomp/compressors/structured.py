@@ -503,7 +503,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 2
 
 def check_shrinkable(ckpt) -> None:
     kind = ckpt.arch.get("kind")
-    if kind not in ("zoo", "import"):
+    if kind not in ("zoo", "import", "factory", "graph"):
         raise DcompError(f"structured pruning changes layer shapes, so the checkpoint must rebuild from a zoo or "
                          f"package.module:factory architecture; this one is {kind}: save a state_dict and pass --arch, "
                          f"or use an unstructured method")

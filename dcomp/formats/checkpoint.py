@@ -7,9 +7,12 @@ A checkpoint is a ``torch.save``-d dict of plain data and tensors only, so it lo
     version       1
     arch          how to rebuild the model, one of
                     {"kind": "zoo", "name": str, "kwargs": dict}
-                    {"kind": "import", "target": "pkg.mod:factory", "kwargs": dict}
+                    {"kind": "graph", "graph": dict}   (plain data: dcomp.models.graph_arch)
+                    {"kind": "factory", "target": "pkg.mod:factory", "kwargs": dict}
+                                                   ("import": the older name of "factory")
                     {"kind": "torchscript", "archive": uint8 tensor}
-                    {"kind": "pickle", "archive": uint8 tensor}   (rebuilding needs --trust-pickle)
+                    {"kind": "pickle", "archive": uint8 tensor}
+                  factory / torchscript / pickle run code: dcomp.models.arch decides when
     input_shape   list[int] without the batch dimension
     num_classes   int
     data          {"spec": str, "resize": int | None} the model was trained on, or {}
@@ -59,30 +62,23 @@ class Checkpoint:
     quant: dict[str, dict[str, Any]] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     provenance: list[dict[str, Any]] = field(default_factory=list)
+    # references the user vouched for in this process (typed --arch targets, the digest of a
+    # TorchScript input): set by model_input.load_model, never read from or written to a file
+    trusted_refs: frozenset = field(default_factory=frozenset, repr=False, compare=False)
 
     # ---- building and updating -------------------------------------------------------
 
     def build_model(self, trust_pickle: bool = False) -> nn.Module:
-        """Rebuild the model at the stored shapes with the stored weights, in eval mode."""
-        from dcomp.models import build_from_factory, build_zoo, conform_to_state_dict
+        """Rebuild the model at the stored shapes with the stored weights, in eval mode.
+
+        What may run is decided by dcomp.models.arch (before anything is imported or loaded):
+        ``trust_pickle`` (--trust-pickle) plus ``trusted_refs``, the references the user typed."""
+        from dcomp.models import conform_to_state_dict
+        from dcomp.models.arch import REBUILDABLE_KINDS, build_architecture, trust_of
 
         kind = self.arch.get("kind")
-        if kind == "zoo":
-            model = build_zoo(self.arch["name"], self.input_shape, self.num_classes, **self.arch.get("kwargs", {}))
-        elif kind == "import":
-            model = build_from_factory(self.arch["target"], self.arch.get("kwargs", {}), trusted=trust_pickle)
-        elif kind == "torchscript":
-            model = torch.jit.load(io.BytesIO(self.arch["archive"].numpy().tobytes()), map_location="cpu")
-        elif kind == "pickle":
-            if not trust_pickle:
-                raise DcompError(
-                    "this checkpoint's architecture is a pickled Python object; rebuilding it runs code "
-                    "from the file. Pass --trust-pickle if you trust where it came from"
-                )
-            model = torch.load(io.BytesIO(self.arch["archive"].numpy().tobytes()), weights_only=False)
-        else:
-            raise FormatError(f"checkpoint has an unknown architecture kind {kind!r}")
-        resized = conform_to_state_dict(model, self.state_dict) if kind in ("zoo", "import") else []
+        model = build_architecture(self.arch, self.input_shape, self.num_classes, trust_of(self, trust_pickle))
+        resized = conform_to_state_dict(model, self.state_dict) if kind in REBUILDABLE_KINDS else []
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as e:

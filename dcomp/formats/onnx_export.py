@@ -226,17 +226,13 @@ def compare_with_torch(onnx_bytes: bytes, model: nn.Module, input_shape, batch: 
 def shrunk_layers(ckpt: Checkpoint) -> list[dict]:
     """Layers stored smaller than the architecture builds them (structured pruning removed rows,
     filters or channels). Empty for TorchScript/pickle architectures, which have no factory."""
-    from dcomp.models import build_from_factory, build_zoo
+    from dcomp.models.arch import build_reference
 
-    kind = ckpt.arch.get("kind")
     try:
-        if kind == "zoo":
-            ref = build_zoo(ckpt.arch["name"], ckpt.input_shape, ckpt.num_classes, **ckpt.arch.get("kwargs", {}))
-        elif kind == "import":
-            ref = build_from_factory(ckpt.arch["target"], ckpt.arch.get("kwargs", {}), trusted=False)
-        else:
-            return []
+        ref = build_reference(ckpt)  # trust as the checkpoint carries it (typed --arch); no pickle
     except DcompError:
+        return []
+    if ref is None:
         return []
     out = []
     for name, t in ref.state_dict().items():

@@ -7,7 +7,6 @@ checkpoint rebuilds by resizing modules to the stored shapes (see ``conform_to_s
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from dcomp.errors import DcompError, UsageError
 from dcomp.models import zoo
+from dcomp.models.arch import build_from_factory, import_factory  # noqa: F401 - moved there, names kept
 
 ZOO: dict[str, tuple[Callable[..., nn.Module], str]] = {
     "lenet-300-100": (zoo.LeNet300100, "MLP 784-300-100-10 of Han et al. (any input size, flattened)"),
@@ -35,46 +35,6 @@ def build_zoo(name: str, input_shape, num_classes: int, **kwargs) -> nn.Module:
         return ZOO[name][0](input_shape=tuple(input_shape), num_classes=int(num_classes), **kwargs)
     except TypeError as e:
         raise UsageError(f"bad --arch-kwargs for {name}: {e}") from None
-
-
-def import_factory(target: str) -> Callable[..., nn.Module]:
-    """Resolve ``package.module:factory`` (the factory may be a class)."""
-    mod_name, _, attr = target.partition(":")
-    if not mod_name or not attr:
-        raise UsageError(f"--arch {target!r}: expected a zoo name or package.module:factory")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise DcompError(f"--arch {target!r}: cannot import {mod_name} ({e})") from None
-    obj = mod
-    for part in attr.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise DcompError(f"--arch {target!r}: {mod_name} has no attribute {attr}")
-    return obj
-
-
-def build_from_factory(target: str, kwargs: dict | None = None, trusted: bool = True) -> nn.Module:
-    """Call ``package.module:factory`` with ``kwargs``; a failing call or a result that is not an
-    nn.Module is a usage error naming the target, not an internal error.
-
-    ``trusted=False`` is for targets read from a file: only nn.Module classes are called then,
-    because a file naming an arbitrary function (``os:system`` with a command) would make loading
-    a checkpoint run code. ``--trust-pickle`` lifts this, as it does for pickles."""
-    factory = import_factory(target)
-    if not trusted and not (isinstance(factory, type) and issubclass(factory, nn.Module)):
-        raise DcompError(
-            f"the file names {target} as its architecture, which is not an nn.Module class; calling an "
-            f"arbitrary function from a file could run any code. Pass --trust-pickle if you trust the file"
-        )
-    try:
-        model = factory(**(kwargs or {}))
-    except Exception as e:  # noqa: BLE001 - user code: any failure is reported as theirs
-        first = (str(e).splitlines() or [""])[0]
-        raise UsageError(f"--arch {target}: calling it with {kwargs or {}} failed ({type(e).__name__}: {first})") from None
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"--arch {target} returned a {type(model).__name__}, not a torch nn.Module")
-    return model
 
 
 def conform_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
