@@ -28,6 +28,7 @@ def pack(
     block: Annotated[int, typer.Option("--block", help="symbols per Huffman block (decoding parallelism)")] = 1024,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip decoding the result to check it bit for bit")] = False,
     keep_times: Annotated[bool, typer.Option("--keep-times", help="keep provenance times in the file (default: none, so the same checkpoint packs to the same bytes)")] = False,
+    provenance: Annotated[str, typer.Option("--provenance", help="provenance in the file: full, brief (stage names and scalar params; default) or none")] = "brief",
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     data: DataOpt = None,
@@ -37,7 +38,7 @@ def pack(
     from dcomp.formats import dcz
 
     cfg = _config(index_bits=index_bits, index_bits_fc=index_bits_fc, index_bits_conv=index_bits_conv,
-                  huffman=not no_huffman, block=block, verify=not no_verify, keep_times=keep_times)
+                  huffman=not no_huffman, block=block, verify=not no_verify, keep_times=keep_times, provenance=provenance)
     inp = common.read_input(model)
     sink = common.plan_output(output, inp, what=".dcz file")
     ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)

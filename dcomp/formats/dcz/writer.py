@@ -6,7 +6,7 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -35,6 +35,10 @@ class PackConfig(BaseModel):
     block: int = Field(hf.DEFAULT_BLOCK, description="symbols per Huffman block")
     verify: bool = Field(True, description="decode the packed bytes and compare bit for bit")
     compress_header: bool = Field(True, description="store the header JSON zlib-compressed when that is smaller")
+    provenance: Literal["full", "brief", "none"] = Field(
+        "brief", description="provenance kept in the header: 'full' (every stage's params and metrics), 'brief' "
+                             "(stage names and scalar params: what was done, at a fraction of the bytes; the "
+                             "default, since a .dcz exists to be small and the .pt keeps the full record) or 'none'")
     keep_times: bool = Field(False, description="keep provenance 'time' entries (off: packed files carry no "
                                                 "wall-clock time, so the same checkpoint always packs to the same bytes)")
     fp16_exact: bool = Field(True, description="store float32 payloads (raw tensors, raw values, codebooks) as "
@@ -285,8 +289,7 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
         "dcz": MAJOR, "dcomp_version": __version__,
         "arch": _json_plain(arch, "arch"), "input_shape": [int(s) for s in ckpt.input_shape],
         "num_classes": int(ckpt.num_classes), "data": _json_plain(ckpt.data, "data"),
-        "provenance": _json_plain(ckpt.provenance if cfg.keep_times else _without_times(ckpt.provenance),
-                                  "provenance"),
+        "provenance": _json_plain(provenance_for(ckpt.provenance, cfg.provenance, cfg.keep_times), "provenance"),
         "sections": [], "tensors": tensors, "masks": masks, "quant": quant,
     }
     offset = 0
@@ -311,6 +314,34 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
     if cfg.verify:
         _verify(ckpt, read_bytes(data, source="packed bytes"))
     return data, inspect_bytes(data, source="packed bytes")
+
+
+BRIEF_STR = 40   # longest string param a brief provenance keeps
+
+
+def provenance_for(prov: list, mode: str = "full", keep_times: bool = False) -> list:
+    """The provenance a packed file carries (PackConfig.provenance; docs/FORMAT.md, "provenance").
+
+    full: every entry as it is; brief: per entry the stage name and its scalar params (numbers,
+    booleans, null, strings up to 40 characters), no metrics, versions, nested params or notes;
+    none: an empty list. Times are dropped unless ``keep_times`` (full and brief)."""
+    if mode == "none":
+        return []
+    if mode == "brief":
+        out = []
+        for p in prov:
+            if not isinstance(p, dict):
+                continue
+            params = p.get("params") if isinstance(p.get("params"), dict) else {}
+            e: dict[str, Any] = {"stage": p.get("stage"),
+                                 "params": {k: v for k, v in params.items()
+                                            if v is None or isinstance(v, (bool, int, float))
+                                            or (isinstance(v, str) and len(v) <= BRIEF_STR)}}
+            if keep_times and "time" in p:
+                e["time"] = p["time"]
+            out.append(e)
+        return out
+    return prov if keep_times else _without_times(prov)
 
 
 def _without_times(prov: list) -> list:
