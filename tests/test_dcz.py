@@ -47,7 +47,7 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(dcz._bits(a), dcz._bits(b))
 
 
-def assert_same(ck: Checkpoint, back: Checkpoint):
+def assert_same(ck: Checkpoint, back: Checkpoint, provenance: str = "brief"):
     assert list(back.state_dict) == list(ck.state_dict)
     for k, v in ck.state_dict.items():
         assert bits_equal(v, back.state_dict[k]), k
@@ -64,7 +64,7 @@ def assert_same(ck: Checkpoint, back: Checkpoint):
                 assert back.quant[k][key] == v
     assert back.input_shape == ck.input_shape and back.num_classes == ck.num_classes and back.data == ck.data
     # the default keeps a brief provenance (test_dcz_provenance.py covers full/brief/none)
-    assert json.dumps(back.provenance) == json.dumps(dcz.writer.provenance_for(ck.provenance, "brief"))
+    assert json.dumps(back.provenance) == json.dumps(dcz.writer.provenance_for(ck.provenance, provenance, True))
     for key, v in ck.arch.items():
         if isinstance(v, torch.Tensor):
             assert bits_equal(v, back.arch[key])
@@ -536,7 +536,8 @@ def test_corpus_replay():
         data = f.read_bytes()
         if f.name.startswith("ok_"):
             ck = dcz.read_bytes(data, f.name)
-            assert_same(ck, dcz.read_bytes(dcz.write_bytes(ck, dcz.PackConfig(keep_times=True))))  # old files carry times
+            assert_same(ck, dcz.read_bytes(dcz.write_bytes(ck, dcz.PackConfig(keep_times=True, provenance="full"))),
+                        "full")  # old files carry times
         else:
             with pytest.raises(FormatError):
                 dcz.read_bytes(data, f.name)
