@@ -94,8 +94,8 @@ def test_pruned_quantized_lenet_round_trip_and_size():
     assert rows["fc1.bias"]["encoding"] == "raw"
     assert report["file_bytes"] == len(data)
     assert report["ratio"] >= 25  # Deep Compression's regime: 10% density, 5 bits
-    gaps = rows["fc1.weight"]["gaps"]  # geometric gaps: Huffman wins, close to the entropy
-    assert gaps["coding"] == "huffman" and gaps["bits_per_symbol"] <= 1.02 * gaps["entropy"]
+    gaps = rows["fc1.weight"]["gaps"]  # geometric gaps: an entropy coder wins, close to the entropy
+    assert gaps["coding"] in ("huffman", "ans") and gaps["bits_per_symbol"] <= 1.02 * gaps["entropy"]
     idx = rows["fc1.weight"]["indices"]  # uniform random indices here: fixed 5 bits is as good
     assert idx["coding"] == "fixed" and idx["bits_per_symbol"] == 5
 

@@ -24,7 +24,8 @@ def pack(
     index_bits: Annotated[Optional[int], typer.Option("--index-bits", help="relative-index width for every sparse tensor, 1..16 (default: 5 fc, 8 conv)")] = None,
     index_bits_fc: Annotated[int, typer.Option("--index-bits-fc", help="relative-index width for fc (2-D) weights")] = 5,
     index_bits_conv: Annotated[int, typer.Option("--index-bits-conv", help="relative-index width for conv (4-D) weights")] = 8,
-    no_huffman: Annotated[bool, typer.Option("--no-huffman", help="fixed-width streams only")] = False,
+    no_huffman: Annotated[bool, typer.Option("--no-huffman", help="fixed-width streams only (no Huffman, no rANS)")] = False,
+    no_ans: Annotated[bool, typer.Option("--no-ans", help="no rANS streams (files readable by dcomp before format 1.3)")] = False,
     block: Annotated[int, typer.Option("--block", help="symbols per Huffman block (decoding parallelism)")] = 1024,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip decoding the result to check it bit for bit")] = False,
     keep_times: Annotated[bool, typer.Option("--keep-times", help="keep provenance times in the file (default: none, so the same checkpoint packs to the same bytes)")] = False,
@@ -38,7 +39,7 @@ def pack(
     from dcomp.formats import dcz
 
     cfg = _config(index_bits=index_bits, index_bits_fc=index_bits_fc, index_bits_conv=index_bits_conv,
-                  huffman=not no_huffman, block=block, verify=not no_verify, keep_times=keep_times, provenance=provenance)
+                  huffman=not no_huffman, ans=not no_ans, block=block, verify=not no_verify, keep_times=keep_times, provenance=provenance)
     inp = common.read_input(model)
     sink = common.plan_output(output, inp, what=".dcz file")
     ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
@@ -121,9 +122,11 @@ def _config(**values):
 
 
 def _stream_cell(s: dict | None) -> str:
-    """bits/symbol, then the entropy for Huffman streams (h) or "f" for fixed width."""
+    """bits/symbol, then the entropy for Huffman streams (h), "a" for rANS or "f" for fixed width."""
     if not s or not s["count"]:
         return ""
+    if s["coding"] == "ans":
+        return f"{s['bits_per_symbol']:.2f}a"
     if s["coding"] == "huffman" and s.get("entropy") is not None:
         return f"{s['bits_per_symbol']:.2f}/{s['entropy']:.2f}h"
     return f"{s['bits_per_symbol']:.0f}f"

@@ -210,11 +210,15 @@ def stream_size(rec: dict) -> int:
     n, a = rec["count"], rec["alphabet"]
     if rec["coding"] == "fixed":
         return (n * rec["width"] + 7) // 8
+    if rec["coding"] == "ans":
+        return 2 * a + rec["bytes"]
     nb = -(-n // rec["block"]) if n else 0
     return (a + 1) // 2 + 2 * nb + (rec["bits"] + 7) // 8
 
 
 def table_bytes(rec: dict) -> int:
+    if rec["coding"] == "ans":
+        return 2 * rec["alphabet"]
     if rec["coding"] != "huffman":
         return 0
     nb = -(-rec["count"] // rec["block"]) if rec["count"] else 0
@@ -233,6 +237,12 @@ def check_record(rec: dict) -> None:
     if coding == "fixed":
         if rec.get("width") != a.bit_length() - 1:
             raise StreamError("fixed stream width does not match its alphabet")
+    elif coding == "ans":   # rANS (format 1.3): dcomp.compressors.rans
+        from dcomp.compressors import rans
+        try:
+            rans.check_record(rec)
+        except rans.RansError as e:
+            raise StreamError(str(e)) from None
     elif coding == "huffman":
         b, bits = rec.get("block"), rec.get("bits")
         if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= MAX_BLOCK:
@@ -280,6 +290,12 @@ def decode_streams(items: list[tuple[dict, bytes | memoryview]]) -> list[np.ndar
             if rec["coding"] == "fixed":
                 out[i] = unpack_fixed(sec, rec["count"], rec["width"])
                 _check_pad(sec, rec["count"] * rec["width"])
+            elif rec["coding"] == "ans":
+                from dcomp.compressors import rans
+                try:
+                    out[i] = rans.decode(sec, rec["count"], rec["alphabet"], rec["precision"])
+                except rans.RansError as e:
+                    raise StreamError(str(e)) from None
             elif rec["count"] == 0:
                 _parse_huffman(rec, sec)
                 out[i] = np.zeros(0, dtype=np.int64)

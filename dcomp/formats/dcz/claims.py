@@ -111,6 +111,9 @@ class _Reader:
                                       "relative indices can cover")
             if nnz > numel:
                 raise self.fail(what, f"nnz {nnz:,} is more than the tensor's {numel:,} elements")
+            if g["coding"] == "ans" and g["count"] > numel:
+                # every gap symbol advances at least 1: bounds rANS decoding work by the tensor's size
+                raise self.fail(what, f"gap stream claims {g['count']:,} symbols for {numel:,} elements")
         else:
             if v["kind"] != "codebook":
                 raise self.fail(what, "encoding codebook needs codebook values")

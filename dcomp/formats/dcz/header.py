@@ -182,9 +182,15 @@ class _Schema:
         a = self.int_(s.get("alphabet"), f"{path}.alphabet", 2, 1 << 16)
         if a & (a - 1):
             raise self.bad(f"{path}.alphabet", f"{a} is not a power of two")
-        coding = self.str_(s.get("coding"), f"{path}.coding", ("fixed", "huffman"))
+        coding = self.str_(s.get("coding"), f"{path}.coding", ("fixed", "huffman", "ans"))
         if coding == "fixed":
             self.int_(s.get("width"), f"{path}.width", 1, 16)
+        elif coding == "ans":
+            self.int_(s.get("precision"), f"{path}.precision", 1, 15)
+            self.int_(s.get("bytes"), f"{path}.bytes", 4)
+            ent = s.get("entropy")
+            if ent is not None and (not isinstance(ent, (int, float)) or isinstance(ent, bool)):
+                raise self.bad(f"{path}.entropy", f"expected a number, got {_kind(ent)}")
         else:
             self.tables += 1
             if self.tables > self.lim.max_tables:

@@ -13,7 +13,7 @@ import torch
 
 from dcomp.errors import FormatError
 
-MAJOR, MINOR = 1, 2
+MAJOR, MINOR = 1, 3          # 1.3: "ans" streams; files without one are written as 1.2
 PREAMBLE = 32
 MAX_HEADER = 1 << 27          # limit for the header as stored and, when compressed, as decompressed
 FLAG_ZHEADER = 1              # flags bit 0: the header is a zlib stream (format 1.1)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dcomp import __version__
 from dcomp.compressors import huffman as hf
+from dcomp.compressors import rans
 from dcomp.errors import FormatError
 from dcomp.formats import DCZ_MAGIC
 from dcomp.formats.checkpoint import Checkpoint
@@ -32,6 +33,8 @@ class PackConfig(BaseModel):
     index_bits_fc: int = Field(5, description="gap width for 2-D and smaller weights (Deep Compression: 5)")
     index_bits_conv: int = Field(8, description="gap width for conv weights, 3-D and up (Deep Compression: 8)")
     huffman: bool = Field(True, description="allow Huffman coding (off: fixed width only)")
+    ans: bool = Field(True, description="allow rANS coding of a stream when its section is smaller than Huffman's "
+                                        "and fixed width's (format 1.3; off: files readable by dcomp before 1.3)")
     block: int = Field(hf.DEFAULT_BLOCK, description="symbols per Huffman block")
     verify: bool = Field(True, description="decode the packed bytes and compare bit for bit")
     compress_header: bool = Field(True, description="store the header JSON zlib-compressed when that is smaller")
@@ -70,16 +73,41 @@ class _Sections:
     def __init__(self):
         self.parts: list[bytes] = []
         self.narrowed = False    # some record got "stored_dtype" (sets flags bit 1)
+        self.ans = False         # some stream is rANS-coded (format 1.3)
 
     def add(self, data: bytes) -> int:
         self.parts.append(bytes(data))
         return len(self.parts) - 1
 
 
-def _stream(sec: _Sections, symbols: np.ndarray, alphabet: int, cfg: PackConfig,
-            plan: hf.StreamPlan | None = None) -> dict:
+@dataclass
+class _AnsPlan:
+    nbytes: int
+    data: bytes
+    rec: dict
+    coding: str = "ans"
+
+
+def _plan(symbols: np.ndarray, alphabet: int, cfg: PackConfig):
+    """The smallest of fixed width, Huffman and (cfg.ans) rANS for this stream."""
+    counts = np.bincount(symbols, minlength=alphabet)
+    plan = hf.plan_stream(counts, alphabet, cfg.block, cfg.huffman)
+    if cfg.ans and cfg.huffman and len(symbols):   # huffman=False keeps its meaning: fixed width only
+        freqs = rans.quantize_freqs(counts)
+        # estimate first (table + ideal payload + state); encode only when it may win
+        if freqs is not None and 2 * alphabet + 4 + rans.cost_bits(counts, freqs, rans.PRECISION) / 8 < plan.nbytes:
+            enc = rans.encode_stream(symbols, alphabet, counts)
+            if enc is not None and len(enc[0]) < plan.nbytes:
+                return _AnsPlan(len(enc[0]), enc[0], enc[1])
+    return plan
+
+
+def _stream(sec: _Sections, symbols: np.ndarray, alphabet: int, cfg: PackConfig, plan=None) -> dict:
     if plan is None:
-        plan = hf.plan_stream(np.bincount(symbols, minlength=alphabet), alphabet, cfg.block, cfg.huffman)
+        plan = _plan(symbols, alphabet, cfg)
+    if isinstance(plan, _AnsPlan):
+        sec.ans = True
+        return {"section": sec.add(plan.data), **plan.rec}
     data, rec = hf.encode_stream(symbols, plan)
     return {"section": sec.add(data), **rec}
 
@@ -164,7 +192,7 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
         pos = np.flatnonzero(support)
         k = cfg.index_bits_for(t)
         gaps = gap_symbols(pos, numel, k)
-        gplan = hf.plan_stream(np.bincount(gaps, minlength=1 << k), 1 << k, cfg.block, cfg.huffman)
+        gplan = _plan(gaps, 1 << k, cfg)
         side = 0 if support_is_mask else bitmap_cost
         vplan = None
         if qinfo is not None:
@@ -172,7 +200,7 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
             sa = af[pos]
             outside = af[~support]
             if (cbb[sa] == u[pos]).all():
-                vplan = hf.plan_stream(np.bincount(sa, minlength=1 << qbits), 1 << qbits, cfg.block, cfg.huffman)
+                vplan = _plan(sa, 1 << qbits, cfg)
                 fill_ok = outside.size == 0 or (outside == outside[0]).all()
                 cost = gplan.nbytes + vplan.nbytes + cb_nbytes + side + (0 if fill_ok else af.size * q["assignments"].element_size())
                 if cost < best[1]:
@@ -186,7 +214,7 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
             cbb, af, qbits = qinfo
             if (cbb[af] == u).all():
                 allmask = mflat is not None and bool(mflat.all())
-                dplan = hf.plan_stream(np.bincount(af, minlength=1 << qbits), 1 << qbits, cfg.block, cfg.huffman)
+                dplan = _plan(af, 1 << qbits, cfg)
                 cost = dplan.nbytes + cb_nbytes + (0 if allmask else bitmap_cost)
                 if cost < best[1]:
                     best = ("codebook", cost, (dplan, allmask))
@@ -303,7 +331,7 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
         z = zlib.compress(hjson, 9)
         if len(z) < len(hjson):
             stored, flags, usize = z, flags | FLAG_ZHEADER, len(hjson)
-    pre = DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, MINOR, flags, len(stored), zlib.crc32(stored), usize)
+    pre = DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, MINOR if sec.ans else 2, flags, len(stored), zlib.crc32(stored), usize)
     out = bytearray(pre + stored)
     out += b"\0" * (_align(len(out)) - len(out))
     for i, part in enumerate(sec.parts):
