@@ -102,13 +102,12 @@ def pack_variants(ckpt) -> list[tuple[str, dict, bytes]]:
     from dcomp.formats import dcz
     out = []
     fields = dcz.PackConfig.model_fields
-    variants = [("default", {})]
+    variants = [("default (brief, best coder per stream)", {})]
     if "provenance" in fields:
-        variants += [("provenance full", {"provenance": "full"}), ("provenance brief", {"provenance": "brief"}),
-                     ("provenance none", {"provenance": "none"})]
-    if "coders" in fields:
-        variants += [("huffman/fixed only", {"coders": ["fixed", "huffman"]}),
-                     ("rans/fixed only", {"coders": ["fixed", "ans"]})]
+        variants += [("provenance full", {"provenance": "full"}), ("provenance none", {"provenance": "none"})]
+    if "ans" in fields:
+        variants += [("brief, Huffman/fixed only (--no-ans)", {"ans": False}),
+                     ("none, Huffman/fixed only", {"ans": False, "provenance": "none"})]
     for label, kw in variants:
         data, info = dcz.pack(ckpt, dcz.PackConfig(**kw))
         out.append((label, info, data))

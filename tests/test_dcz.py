@@ -324,7 +324,7 @@ CASES = {
     "too small": (GOOD[:20], "shorter than the 32-byte preamble"),
     "wrong magic": (b"PK\x03\x04" + GOOD[4:], "wrong magic"),
     "version": (frame(base_header([RAW]), [bytes(8)], major=2), "unsupported .dcz version 2"),
-    "flags": (frame(base_header([RAW]), [bytes(8)], flags=4), "unknown flag bit 2 set"),
+    "flags": (frame(base_header([RAW]), [bytes(8)], flags=8), "unknown flag bit 3 set"),   # bit 2: rANS (1.3)
     "flag bit 31": (_zframe(flags=1 | 1 << 31), "unknown flag bit 31 set"),
     "zheader size zero": (_zframe(usize=0), "decompressed header size 0 stated in the preamble"),
     "zheader size over cap": (_zframe(usize=(1 << 27) + 1), "decompressed header size 134217729"),

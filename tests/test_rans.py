@@ -3,6 +3,7 @@ that refuses malformed records with named errors, old files still read, and a sh
 
 from __future__ import annotations
 
+import struct
 import time
 
 import numpy as np
@@ -171,6 +172,19 @@ def test_reader_refuses_corrupt_tables_and_payloads_as_stream_errors():
         h["tensors"][0]["nnz"] -= 1
     with pytest.raises(E.DczError):
         dcz.read_bytes(_edit(data, count), "m.dcz")
+
+
+def test_flags_bit_2_says_whether_the_file_has_rans_streams():
+    _, data, _ = _ans_file()
+    assert struct.unpack_from("<I", data, 12)[0] & 4
+    h, area, flags = targets.split(data)
+    with pytest.raises(E.BadRecord, match="flags bit 2 is clear"):
+        dcz.read_bytes(targets.frame(h, area, flags & ~4), "m.dcz")
+    plain, _ = dcz.pack(_ckpt(), dcz.PackConfig(ans=False))
+    assert not struct.unpack_from("<I", plain, 12)[0] & 4
+    h, area, flags = targets.split(plain)
+    with pytest.raises(E.BadRecord, match="no stream is rANS-coded"):
+        dcz.read_bytes(targets.frame(h, area, flags | 4), "m.dcz")
 
 
 def test_gap_stream_count_is_bounded_by_the_tensor():

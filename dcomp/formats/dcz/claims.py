@@ -10,7 +10,7 @@ from dcomp.compressors import huffman as hf
 from dcomp.formats import limits as _limits
 from dcomp.formats.dcz import errors as E
 from dcomp.formats.dcz.header import _fail, _Header
-from dcomp.formats.dcz.spec import DTYPES, FLAG_STORED_DTYPE, FLOATS, STORED_DTYPES, _numel
+from dcomp.formats.dcz.spec import DTYPES, FLAG_ANS, FLAG_STORED_DTYPE, FLOATS, STORED_DTYPES, _numel
 
 
 class _Reader:
@@ -22,6 +22,7 @@ class _Reader:
         self.used: dict[int, str] = {}
         self.narrowed = 0       # records with "stored_dtype"
         self.tables = 0         # Huffman streams (each has its own code table)
+        self.ans = 0            # rANS streams
 
     def stored(self, rec: dict, dt: str, what: str) -> str:
         """The dtype a payload is stored in: ``dt``, or a valid "stored_dtype" of the record."""
@@ -71,6 +72,10 @@ class _Reader:
         except hf.StreamError as e:
             raise self.fail(what, str(e)) from None
         self.section(rec["section"], what, hf.stream_size(rec))
+        if rec["coding"] == "ans":
+            if not self.hdr.flags & FLAG_ANS:
+                raise self.fail(what, "is an rANS stream but flags bit 2 is clear (corrupt file)")
+            self.ans += 1
         if rec["coding"] == "huffman":
             self.tables += 1
             if self.tables > self.lim.max_tables:
@@ -180,6 +185,8 @@ def _check_claims(data: bytes, hdr: _Header, source: str, max_bytes: int | None 
         rd.raw_ref(arch["archive"], "arch archive")
     if hdr.flags & FLAG_STORED_DTYPE and not rd.narrowed:
         raise rd.fail("header", "flags bit 1 (stored_dtype) is set but no record has a stored_dtype (corrupt file)")
+    if hdr.flags & FLAG_ANS and not rd.ans:
+        raise rd.fail("header", "flags bit 2 (rANS) is set but no stream is rANS-coded (corrupt file)")
     return rd
 
 

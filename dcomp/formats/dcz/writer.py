@@ -19,7 +19,7 @@ from dcomp.errors import FormatError
 from dcomp.formats import DCZ_MAGIC
 from dcomp.formats.checkpoint import Checkpoint
 from dcomp.formats.dcz.reader import read_bytes
-from dcomp.formats.dcz.spec import (DTYPES, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, MAJOR, MINOR, _NAME_OF,
+from dcomp.formats.dcz.spec import (DTYPES, FLAG_ANS, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, MAJOR, MINOR, _NAME_OF,
                                     _align, _bits, _dtype_name, _half_bits, gap_symbols)
 from dcomp.formats.dcz.summary import inspect_bytes
 
@@ -326,7 +326,7 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
         offset = _align(offset + len(part))
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
     stored, usize = hjson, 0
-    flags = FLAG_STORED_DTYPE if sec.narrowed else 0
+    flags = (FLAG_STORED_DTYPE if sec.narrowed else 0) | (FLAG_ANS if sec.ans else 0)
     if cfg.compress_header:
         z = zlib.compress(hjson, 9)
         if len(z) < len(hjson):
