@@ -148,6 +148,27 @@ def stream_table(ckpt) -> list[dict]:
     return rows
 
 
+def bias_table(ckpt) -> list[str]:
+    """quantize --bias-bits on the packed model: bias bytes, file bytes and test top-1 per setting."""
+    from dcomp.compressors.quantization import quantize_biases, round_to_float16
+    from dcomp.data import load_dataset
+    from dcomp.formats import dcz
+    from dcomp.retrain import accuracy
+
+    data = load_dataset(f"npz:{DATA}")
+    rows = ["| biases | bias bytes | file | top-1 (2,000 test images) |", "|---|---:|---:|---:|"]
+    for bits in (None, 6, 5, 4, 3, 2):
+        ck = ckpt.copy()
+        if bits is not None:
+            quantize_biases(ck, bits)
+            round_to_float16(ck)
+        data_b, info = dcz.pack(ck)
+        bias = sum(r["total_bytes"] for r in info["layers"] if len(r["shape"]) == 1)
+        label = "float16 (quantize --float16)" if bits is None else f"--bias-bits {bits} (+ float16 codebook)"
+        rows.append(f"| {label} | {bias:,} | {len(data_b):,} | {accuracy(ck, data):.2f}% |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reuse", help="work directory of an earlier run (skip training)")
@@ -193,7 +214,8 @@ def main() -> None:
             best = min(r[c] for c in cols)
             print(f"| {r['tensor']} | {r['stream']} | {r['symbols']:,} | {r['entropy']:.3f} | "
                   + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {best - r['entropy']:+.3f} |")
-        print("\nbits per symbol; tables/frequency headers included in each coder's figure")
+        print("\nbits per symbol; tables/frequency headers included in each coder's figure\n")
+        print("\n".join(bias_table(ckpt)))
 
 
 if __name__ == "__main__":
