@@ -22,7 +22,8 @@ bench: install
 
 # >= 1M fuzz inputs on one core (tens of minutes); outcome in docs/bench/fuzz.json, docs/RELIABILITY.md
 fuzz: install
-	taskset -c 0 $(PYTHON) tests/fuzzing/run.py || $(PYTHON) tests/fuzzing/run.py
+	$(PIP) install --quiet --disable-pip-version-check "atheris>=2"
+	$(shell command -v taskset >/dev/null && echo taskset -c 0) $(PYTHON) tests/fuzzing/run.py
 
 lint: install
 	$(PYTHON) -m compileall -q dcomp tests benchmarks
