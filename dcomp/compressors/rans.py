@@ -9,7 +9,7 @@ symbol costs a whole number of bits, so skewed streams (a few very common gaps) 
     symbols = decode(sec, count, alphabet, precision, nbytes)   # raises StreamError on any defect
 
 Encoding and decoding run compiled with numba when it is available (DCOMP_NO_NUMBA=1: the
-pure-Python reference loop, same bytes, ~100x slower). This coder is dcomp's own; the format
+pure-Python reference loop, same bytes, far slower). This coder is dcomp's own; the format
 is defined by the spec, not by this code.
 """
 
