@@ -2,7 +2,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean fuzz
 
 # Re-install only when the project's install files change.
 $(STAMP): pyproject.toml constraints.txt
@@ -19,6 +19,11 @@ demo: install
 
 bench: install
 	$(PYTHON) benchmarks/run_all.py
+
+# >= 1M fuzz inputs on one core (tens of minutes); outcome in docs/bench/fuzz.json, docs/RELIABILITY.md
+fuzz: install
+	$(PIP) install --quiet --disable-pip-version-check "atheris>=2"
+	$(shell command -v taskset >/dev/null && echo taskset -c 0) $(PYTHON) tests/fuzzing/run.py
 
 lint: install
 	$(PYTHON) -m compileall -q dcomp tests benchmarks

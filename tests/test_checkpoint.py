@@ -63,4 +63,15 @@ def test_provenance_is_plain_data(lenet_ckpt):
     ckpt.add_provenance("x", {"t": torch.tensor(3.0), "p": [1, 2]}, {"acc": 97.5})
     entry = ckpt.provenance[-1]
     assert entry["params"] == {"t": 3.0, "p": [1, 2]} and entry["metrics"] == {"acc": 97.5}
-    assert entry["dcomp_version"] and entry["time"]
+    assert entry["dcomp_version"] and "time" not in entry  # no wall-clock time by default: reproducible bytes
+
+
+def test_provenance_time_only_when_asked(lenet_ckpt, monkeypatch):
+    ckpt = lenet_ckpt.copy()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    ckpt.add_provenance("x")
+    assert ckpt.provenance[-1]["time"] == "2023-11-14T22:13:20+00:00"
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    monkeypatch.setenv("DCOMP_PROVENANCE_TIME", "1")
+    ckpt.add_provenance("y")
+    assert ckpt.provenance[-1]["time"].startswith("20")

@@ -24,9 +24,12 @@ def pack(
     index_bits: Annotated[Optional[int], typer.Option("--index-bits", help="relative-index width for every sparse tensor, 1..16 (default: 5 fc, 8 conv)")] = None,
     index_bits_fc: Annotated[int, typer.Option("--index-bits-fc", help="relative-index width for fc (2-D) weights")] = 5,
     index_bits_conv: Annotated[int, typer.Option("--index-bits-conv", help="relative-index width for conv (4-D) weights")] = 8,
-    no_huffman: Annotated[bool, typer.Option("--no-huffman", help="fixed-width streams only")] = False,
+    no_huffman: Annotated[bool, typer.Option("--no-huffman", help="fixed-width streams only (no Huffman, no rANS)")] = False,
+    no_ans: Annotated[bool, typer.Option("--no-ans", help="no rANS streams (files readable by dcomp before format 1.3)")] = False,
     block: Annotated[int, typer.Option("--block", help="symbols per Huffman block (decoding parallelism)")] = 1024,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip decoding the result to check it bit for bit")] = False,
+    keep_times: Annotated[bool, typer.Option("--keep-times", help="keep provenance times in the file (default: none, so the same checkpoint packs to the same bytes)")] = False,
+    provenance: Annotated[str, typer.Option("--provenance", help="provenance in the file: full, brief (stage names and scalar params; default) or none")] = "brief",
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     data: DataOpt = None,
@@ -36,7 +39,7 @@ def pack(
     from dcomp.formats import dcz
 
     cfg = _config(index_bits=index_bits, index_bits_fc=index_bits_fc, index_bits_conv=index_bits_conv,
-                  huffman=not no_huffman, block=block, verify=not no_verify)
+                  huffman=not no_huffman, ans=not no_ans, block=block, verify=not no_verify, keep_times=keep_times, provenance=provenance)
     inp = common.read_input(model)
     sink = common.plan_output(output, inp, what=".dcz file")
     ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
@@ -48,9 +51,28 @@ def pack(
     common.emit(report, lambda c: _render(c, report, title=f"packed {inp.source} -> {dest}"))
 
 
-def unpack(model: InputArg = None, output: OutputOpt = None):
+MaxDecodedOpt = Annotated[Optional[str], typer.Option(
+    "--max-decoded", help="refuse files that decode to more than this (e.g. 8G; default a quarter of RAM, or DCOMP_MAX_DECODED)")]
+MaxHeaderOpt = Annotated[Optional[str], typer.Option(
+    "--max-header", help="refuse header JSON larger than this (default 16M, or DCOMP_MAX_HEADER)")]
+MaxTablesOpt = Annotated[Optional[int], typer.Option(
+    "--max-tables", min=1, help="refuse files with more Huffman tables than this (default 16384, or DCOMP_MAX_TABLES)")]
+
+
+def _limits(max_decoded, max_header, max_tables):
+    from dcomp.formats import limits
+
+    limits.set_overrides(max_decoded=limits.parse_size(max_decoded, "--max-decoded") if max_decoded else None,
+                         max_header=limits.parse_size(max_header, "--max-header") if max_header else None,
+                         max_tables=max_tables)
+
+
+def unpack(model: InputArg = None, output: OutputOpt = None, max_decoded: MaxDecodedOpt = None,
+           max_header: MaxHeaderOpt = None, max_tables: MaxTablesOpt = None):
     """Unpack a .dcz file into a dcomp checkpoint (weights bit-identical to what was packed)."""
     from dcomp.formats import DCZ_MAGIC, dcz
+
+    _limits(max_decoded, max_header, max_tables)
 
     inp = common.read_input(model, what="a .dcz file")
     if not inp.data.startswith(DCZ_MAGIC):
@@ -69,9 +91,14 @@ def unpack(model: InputArg = None, output: OutputOpt = None):
 def inspect(
     model: InputArg = None,
     verify: Annotated[bool, typer.Option("--verify", help="also check every section's CRC32 and decode everything")] = False,
+    max_decoded: MaxDecodedOpt = None,
+    max_header: MaxHeaderOpt = None,
+    max_tables: MaxTablesOpt = None,
 ):
     """Show a .dcz file's per-layer encoding and sizes (reads the header only, unless --verify)."""
     from dcomp.formats import DCZ_MAGIC, dcz
+
+    _limits(max_decoded, max_header, max_tables)
 
     inp = common.read_input(model, what="a .dcz file")
     if not inp.data.startswith(DCZ_MAGIC):
@@ -95,9 +122,11 @@ def _config(**values):
 
 
 def _stream_cell(s: dict | None) -> str:
-    """bits/symbol, then the entropy for Huffman streams (h) or "f" for fixed width."""
+    """bits/symbol, then the entropy for Huffman streams (h), "a" for rANS or "f" for fixed width."""
     if not s or not s["count"]:
         return ""
+    if s["coding"] == "ans":
+        return f"{s['bits_per_symbol']:.2f}a"
     if s["coding"] == "huffman" and s.get("entropy") is not None:
         return f"{s['bits_per_symbol']:.2f}/{s['entropy']:.2f}h"
     return f"{s['bits_per_symbol']:.0f}f"
@@ -134,3 +163,8 @@ def _render(c, report: dict, title: str) -> None:
     c.print(f"file {report['file_bytes']:,} bytes ({human_bytes(report['file_bytes'])}; header {report['header_bytes']:,}), "
             f"float32 dense {report['dense_float32_bytes']:,} bytes, {report['params']:,} values: "
             f"[bold]{ratio:.1f}x[/] smaller" if ratio else f"file {report['file_bytes']:,} bytes")
+    if "decoded_bytes" in report:
+        over = report["decoded_bytes"] > report["max_decoded"]
+        c.print(f"decodes to {report['decoded_bytes']:,} bytes ({human_bytes(report['decoded_bytes'])})"
+                + (f", over the --max-decoded limit of {human_bytes(report['max_decoded'])}: unpack would refuse it"
+                   if over else ""), soft_wrap=True)

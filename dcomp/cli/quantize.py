@@ -36,6 +36,7 @@ def quantize(
     requantize: Annotated[bool, typer.Option("--requantize", help="allow more bits than a layer is already quantized to (keeps its values)")] = False,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="epochs of centroid fine-tuning (needs data)")] = 0,
     centroid_lr: Annotated[Optional[float], typer.Option("--centroid-lr", help="centroid learning rate (default: --lr, scheduled)")] = None,
+    bias_bits: Annotated[Optional[int], typer.Option("--bias-bits", help="also share biases and BatchNorm weight/bias values: 2^N per tensor (k-means; default off)")] = None,
     float16: Annotated[bool, typer.Option("--float16", help="round codebooks, biases and BatchNorm to float16 values (pack stores them in half the bytes, losslessly)")] = False,
     mode: Annotated[str, typer.Option("--mode", help="kmeans (weight sharing), ttq (ternary, learned scales) or binary")] = "kmeans",
     threshold: Annotated[float, typer.Option("--threshold", help="ttq: |w| <= threshold x max|w| of the layer becomes 0")] = 0.05,
@@ -59,7 +60,8 @@ def quantize(
         cfg = QuantizeConfig(bits=bits, conv_bits=conv_bits, fc_bits=fc_bits, layers=parse_layer_bits(layer or []),
                              exclude=list(exclude or []), init=init, max_iter=max_iter, requantize=requantize,
                              finetune=finetune, centroid_lr=centroid_lr, float16=float16,
-                             mode=mode, threshold=threshold, scale=scale, keep_first_last=keep_first_last)
+                             mode=mode, threshold=threshold, scale=scale, keep_first_last=keep_first_last,
+                             bias_bits=bias_bits)
     except ValidationError as e:
         raise common.UsageError(_message(e)) from None
 
@@ -99,7 +101,8 @@ def _render(c, metrics: dict, dest: str) -> None:
     c.print(t)
     rows = {}
     for key, label in (("top1_before", "test top-1 % before"), ("top1_quantized", "test top-1 % quantized"),
-                       ("top1_finetuned", "test top-1 % fine-tuned"), ("top1_float16", "test top-1 % float16")):
+                       ("top1_finetuned", "test top-1 % fine-tuned"), ("top1_biases", "test top-1 % biases shared"),
+                       ("top1_float16", "test top-1 % float16")):
         if key in metrics:
             rows[label] = metrics[key]
     if "float16" in metrics:

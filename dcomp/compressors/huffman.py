@@ -210,11 +210,15 @@ def stream_size(rec: dict) -> int:
     n, a = rec["count"], rec["alphabet"]
     if rec["coding"] == "fixed":
         return (n * rec["width"] + 7) // 8
+    if rec["coding"] == "ans":
+        return 2 * a + rec["bytes"]
     nb = -(-n // rec["block"]) if n else 0
     return (a + 1) // 2 + 2 * nb + (rec["bits"] + 7) // 8
 
 
 def table_bytes(rec: dict) -> int:
+    if rec["coding"] == "ans":
+        return 2 * rec["alphabet"]
     if rec["coding"] != "huffman":
         return 0
     nb = -(-rec["count"] // rec["block"]) if rec["count"] else 0
@@ -233,6 +237,12 @@ def check_record(rec: dict) -> None:
     if coding == "fixed":
         if rec.get("width") != a.bit_length() - 1:
             raise StreamError("fixed stream width does not match its alphabet")
+    elif coding == "ans":   # rANS (format 1.3): dcomp.compressors.rans
+        from dcomp.compressors import rans
+        try:
+            rans.check_record(rec)
+        except rans.RansError as e:
+            raise StreamError(str(e)) from None
     elif coding == "huffman":
         b, bits = rec.get("block"), rec.get("bits")
         if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= MAX_BLOCK:
@@ -280,6 +290,12 @@ def decode_streams(items: list[tuple[dict, bytes | memoryview]]) -> list[np.ndar
             if rec["coding"] == "fixed":
                 out[i] = unpack_fixed(sec, rec["count"], rec["width"])
                 _check_pad(sec, rec["count"] * rec["width"])
+            elif rec["coding"] == "ans":
+                from dcomp.compressors import rans
+                try:
+                    out[i] = rans.decode(sec, rec["count"], rec["alphabet"], rec["precision"])
+                except rans.RansError as e:
+                    raise StreamError(str(e)) from None
             elif rec["count"] == 0:
                 _parse_huffman(rec, sec)
                 out[i] = np.zeros(0, dtype=np.int64)
@@ -289,24 +305,50 @@ def decode_streams(items: list[tuple[dict, bytes | memoryview]]) -> list[np.ndar
                 huff.append((i, rec, lens, bb, payload))
         except StreamError as e:
             raise StreamError(str(e), i) from None
-    if huff:
+    for batch in _batches(huff):
         decoded = None
         if _numba_kernel() is not None:
             try:
-                decoded = _decode_huffman_numba(huff)
+                decoded = _decode_huffman_numba(batch)
             except StreamError:
                 raise
             except Exception:  # noqa: BLE001 - compiling or threading failed here: numpy from now on
                 global _KERNEL
                 _KERNEL = None
         if decoded is None:
-            decoded = _decode_huffman_lockstep(huff)
+            decoded = _decode_huffman_lockstep(batch)
         for i, arr in decoded:
             out[i] = arr
     for i, (rec, _) in enumerate(items):
         if out[i].size and int(out[i].max()) >= rec["alphabet"]:
             raise StreamError("symbol outside the alphabet", i)
     return out  # type: ignore[return-value]
+
+
+LUT_BUDGET = 1 << 22        # lookup-table entries decoded together (each stream's table has 2^maxlen)
+LOCKSTEP_BUDGET = 1 << 24   # numpy path: (longest block) x (blocks) entries decoded together
+
+
+def _batches(huff: list) -> list[list]:
+    """Split the Huffman streams into groups decoded together, so that memory stays bounded
+    whatever the file claims: at most LUT_BUDGET table entries (a stream with a 15-bit code costs
+    32768 however few bytes its table takes) and LOCKSTEP_BUDGET lockstep cells per group (a
+    stream with 4096-symbol blocks beside one with a million 1-symbol blocks would otherwise
+    need 4096 x 1M cells). A single stream is never split: its cells are about its symbol count."""
+    out, cur, lut, bmax, nblocks = [], [], 0, 0, 0
+    for h in huff:
+        size = 1 << int(h[2].max())
+        b, nb = h[1]["block"], len(h[3])
+        if cur and (lut + size > LUT_BUDGET or max(bmax, b) * (nblocks + nb) > LOCKSTEP_BUDGET):
+            out.append(cur)
+            cur, lut, bmax, nblocks = [], 0, 0, 0
+        cur.append(h)
+        lut += size
+        bmax = max(bmax, b)
+        nblocks += nb
+    if cur:
+        out.append(cur)
+    return out
 
 
 def _check_pad(buf, nbits: int) -> None:

@@ -69,6 +69,11 @@ class QuantizeConfig(BaseModel):
     requantize: bool = Field(False, description="allow asking more bits than a layer is already quantized to")
     finetune: TrainConfig | None = Field(None, description="centroid fine-tuning after clustering (needs data)")
     centroid_lr: float | None = Field(None, gt=0, description="centroid learning rate (default: the optimizer's)")
+    bias_bits: int | None = Field(None, description="also share the values of every 1-D float parameter not "
+                                                    "quantized otherwise (biases, BatchNorm weight/bias): per "
+                                                    "tensor k-means to 2^bias_bits values, after fine-tuning; "
+                                                    "off by default (pack then stores a codebook + indices when "
+                                                    "that is smaller than the float16/float32 values)")
     float16: bool = Field(False, description="round codebooks and the unquantized float parameters and buffers "
                                              "(biases, BatchNorm) to the nearest float16 value, kept as float32: "
                                              "`pack` then stores them in half the bytes without loss")
@@ -81,7 +86,7 @@ class QuantizeConfig(BaseModel):
     keep_first_last: bool = Field(True, description="ttq/binary: keep the first and last layer at k-means "
                                                     "precision (conv_bits/fc_bits, default 8/5)")
 
-    @field_validator("bits", "conv_bits", "fc_bits")
+    @field_validator("bits", "conv_bits", "fc_bits", "bias_bits")
     @classmethod
     def _bits(cls, v, info):
         return _check_bits(v, f"--{info.field_name.replace('_', '-')}")
@@ -286,6 +291,12 @@ def apply_quantize(ckpt: Checkpoint, cfg: QuantizeConfig, ctx: StageContext, pro
                          trust_pickle=ctx.trust_pickle)
         metrics["top1_finetuned"] = accuracy(out, ctx.data, ctx.trust_pickle)
         _refresh_layer_metrics(ckpt, out, layers)
+    if cfg.bias_bits is not None:
+        metrics["biases"] = quantize_biases(out, cfg.bias_bits, cfg.exclude, cfg.init, cfg.max_iter, ctx.seed)
+        if ctx.data is not None:
+            from dcomp.retrain import accuracy
+
+            metrics["top1_biases"] = accuracy(out, ctx.data, ctx.trust_pickle)
     if cfg.float16:
         metrics["float16"] = round_to_float16(out)
         if ctx.data is not None:
@@ -293,12 +304,32 @@ def apply_quantize(ckpt: Checkpoint, cfg: QuantizeConfig, ctx: StageContext, pro
 
             metrics["top1_float16"] = accuracy(out, ctx.data, ctx.trust_pickle)
     if ctx.data is not None:
-        metrics["top1_after"] = metrics.get("top1_float16", metrics.get("top1_finetuned", metrics["top1_quantized"]))
+        metrics["top1_after"] = metrics.get("top1_float16", metrics.get(
+            "top1_biases", metrics.get("top1_finetuned", metrics["top1_quantized"])))
     check_quantized(out)
     metrics["quantized_weights"] = sum(m["weights"] for m in layers.values())
     metrics["index_bits"] = sum(m["weights"] * m["bits"] for m in layers.values())
     out.add_provenance("quantize", cfg.model_dump(exclude_none=True), metrics)
     return StageResult(out, metrics)
+
+
+def quantize_biases(ckpt: Checkpoint, bits: int, exclude: list[str] = (), init: str = "linear",
+                    max_iter: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """In place: every 1-D floating-point parameter without a quant entry (biases, BatchNorm
+    weight/bias; not buffers) becomes codebook[assignments] with at most 2^bits values (per-tensor
+    k-means). Returns per-tensor metrics (as quantize_weight's)."""
+    out: dict[str, Any] = {}
+    for i, name in enumerate(ckpt.param_names()):
+        t = ckpt.state_dict[name]
+        if t.dim() != 1 or not t.is_floating_point() or name in ckpt.quant or t.numel() == 0:
+            continue
+        if any(re.search(p, name) for p in exclude):
+            continue
+        entry, new_t, m = quantize_weight(t, None, bits, init, max_iter, seed + 1000 + i)
+        ckpt.state_dict[name] = new_t
+        ckpt.quant[name] = entry
+        out[name] = {k: m[k] for k in ("bits", "clusters", "params", "mse", "sqnr_db")}
+    return out
 
 
 FLOAT16_MAX = 65504.0

@@ -20,7 +20,10 @@ A checkpoint is a ``torch.save``-d dict of plain data and tensors only, so it lo
     masks         {param name: bool tensor}: False = pruned; the weight there is exactly 0
     quant         {param name: {"bits": int, "codebook": float32 (k,), "assignments": int tensor
                    shaped like the weight}}: weight == where(mask, codebook[assignments], 0)
-    provenance    list of {"stage", "params", "metrics", "dcomp_version", "time"}
+    provenance    list of {"stage", "params", "metrics", "dcomp_version"[, "time"]}: no wall-clock
+                  time unless SOURCE_DATE_EPOCH or DCOMP_PROVENANCE_TIME=1 (reproducible bytes)
+    digest        {"algorithm": "blake2b-128", "tensors": {"state_dict/NAME": hex, "masks/NAME": hex,
+                   "quant/NAME/KEY": hex, "arch/KEY": hex}}: checked on load (absent in older files)
 
 Shapes need no separate table: a structurally shrunk model rebuilds because the factory's
 layers are resized to the stored weights (dcomp.models.conform_to_state_dict).
@@ -107,7 +110,7 @@ class Checkpoint:
             "params": _plain(params or {}),
             "metrics": _plain(metrics or {}),
             "dcomp_version": __version__,
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **provenance_time(),
         })
 
     def copy(self) -> "Checkpoint":
@@ -129,7 +132,9 @@ class Checkpoint:
     # ---- serialisation ---------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        from dcomp.formats.ckpt_validate import tensor_digest
+
+        d = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "arch": self.arch,
@@ -141,24 +146,22 @@ class Checkpoint:
             "quant": self.quant,
             "provenance": self.provenance,
         }
+        d["digest"] = tensor_digest(d)   # checked on load: flipped bits name their tensor
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "checkpoint") -> "Checkpoint":
-        version = d.get("version")
-        if not isinstance(version, int):
-            raise FormatError(f"{source}: checkpoint has no format version")
-        if version > FORMAT_VERSION:
-            raise FormatError(
-                f"{source}: checkpoint format version {version} is newer than this dcomp reads "
-                f"({FORMAT_VERSION}); upgrade dcomp"
-            )
-        if version < 1:
-            raise FormatError(f"{source}: unknown checkpoint format version {version}")
+        """Every field checked (dcomp.formats.ckpt_validate) before any tensor is used, then the digest."""
+        from dcomp.formats.ckpt_validate import validate_dict
+
+        if isinstance(d, dict) and "format" not in d:
+            d = {**d, "format": FORMAT_NAME}   # callers that built the dict themselves
+        validate_dict(d, source, FORMAT_NAME, FORMAT_VERSION)
         try:
             return cls(
                 arch=d["arch"], state_dict=d["state_dict"], input_shape=list(d["input_shape"]),
                 num_classes=int(d["num_classes"]), masks=d.get("masks", {}), quant=d.get("quant", {}),
-                data=d.get("data", {}), provenance=list(d.get("provenance", [])),
+                data=dict(d.get("data", {})), provenance=list(d.get("provenance", [])),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{source}: checkpoint is missing or has a bad field ({e})") from None
@@ -181,6 +184,24 @@ def atomic_write(path: Path, data: bytes) -> None:
     from dcomp.atomic import atomic_write as _atomic_write
 
     _atomic_write(path, data)
+
+
+def provenance_time() -> dict[str, str]:
+    """The "time" of a provenance entry, or nothing. Checkpoints are reproducible by default (the
+    same inputs and seed give the same bytes), so no wall-clock time is recorded unless asked:
+    SOURCE_DATE_EPOCH (the reproducible-builds convention) gives a fixed time, and
+    DCOMP_PROVENANCE_TIME=1 the current one."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if epoch:
+        try:
+            when = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            raise DcompError(f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time in seconds") from None
+    elif os.environ.get("DCOMP_PROVENANCE_TIME", "").strip().lower() in ("1", "true", "yes", "on"):
+        when = _dt.datetime.now(_dt.timezone.utc)
+    else:
+        return {}
+    return {"time": when.isoformat(timespec="seconds")}
 
 
 def _plain(obj: Any) -> Any:
@@ -215,8 +236,8 @@ def sniff(data: bytes) -> str:
     if data.startswith(b"PK\x03\x04"):
         try:
             names = zipfile.ZipFile(io.BytesIO(data)).namelist()
-        except zipfile.BadZipFile:
-            return "torch"  # torch.load will report the corruption
+        except Exception:  # noqa: BLE001 - BadZipFile, bad names, unsupported zip versions: torch.load reports it
+            return "torch"
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
             return "torchscript"
         return "torch"
@@ -238,9 +259,11 @@ def torch_load_plain(data: bytes, source: str) -> Any:
         if "Unsupported global" in msg or "GLOBAL" in msg or "weights_only" in msg.lower():
             raise PickledObjectError(source) from None
         raise FormatError(f"{source}: corrupt torch file ({msg.splitlines()[0] if msg else 'unpickling failed'})") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
-        first = (str(e).splitlines() or ["unreadable"])[0]
-        raise FormatError(f"{source}: truncated or corrupt torch file ({first})") from None
+    except MemoryError:
+        raise FormatError(f"{source}: corrupt torch file (claims more memory than is available)") from None
+    except Exception as e:  # noqa: BLE001 - any failure of the unpickler on untrusted bytes is a bad file
+        first = (str(e).splitlines() or ["unreadable"])[0][:200]
+        raise FormatError(f"{source}: truncated or corrupt torch file ({type(e).__name__}: {first})") from None
 
 
 class PickledObjectError(DcompError):
@@ -270,4 +293,4 @@ def read_checkpoint(data: bytes, source: str = "input") -> Checkpoint:
 
 
 def is_checkpoint_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and obj.get("format") == FORMAT_NAME
+    return isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"] == FORMAT_NAME
