@@ -86,6 +86,10 @@ def distill(
     sink = common.plan_output(output, inp, reads=(student, samples))
     ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
     ds = common.dataset_for(ckpt, data, resize) if data is not None else None
+    if ds is not None and data_free:  # the test split only, for reporting
+        from dcomp.compressors.dafl import TestSplitOnly
+
+        ds = TestSplitOnly(ds)
     ctx = StageContext(data=ds, console=common.console(), seed=common.state.seed,
                        trust_pickle=common.state.trust_pickle)
     res = apply_distill(ckpt, cfg, ctx, samples=samples)

@@ -176,6 +176,13 @@ def student_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: fl
                     reduction="batchmean", log_target=True) * T * T
 
 
+def generator_loss(t_logits: torch.Tensor, features: torch.Tensor, cfg: DAFLConfig) -> tuple[torch.Tensor, dict]:
+    """oh * one-hot + ie * information entropy + a * activation; also the three terms as floats."""
+    oh, ie, act = one_hot_loss(t_logits), information_entropy_loss(t_logits), activation_loss(features)
+    loss = cfg.oh * oh + cfg.ie * ie + cfg.a * act
+    return loss, {"oh": float(oh.detach()), "ie": float(ie.detach()), "a": float(act.detach())}
+
+
 class FeatureTap:
     """The input of the teacher's last Linear/Conv call (its classifier): the features f_T,
     captured by forward pre-hooks; the model itself is not changed. ``remove()`` drops the hooks."""
@@ -254,12 +261,6 @@ class DAFL(Callback):
         self.generator.to(self.device)
         self.tap = FeatureTap(self.teacher)
 
-    def generator_loss(self, t_logits, features) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.cfg
-        oh, ie, act = one_hot_loss(t_logits), information_entropy_loss(t_logits), activation_loss(features)
-        loss = cfg.oh * oh + cfg.ie * ie + cfg.a * act
-        return loss, {"oh": float(oh.detach()), "ie": float(ie.detach()), "a": float(act.detach())}
-
     def compute_loss(self, ctx, x, out, y, loss):
         if self.pending is None:
             raise DcompError("data-free distillation: the loop's batches did not come from GeneratedBatches")
@@ -269,7 +270,7 @@ class DAFL(Callback):
             raise DcompError(f"teacher outputs {list(t.shape[1:])} per sample but the student "
                              f"{list(out.shape[1:])}; distil into a student with the same outputs")
         kd = student_loss(out, t, self.cfg.temperature)
-        g_loss, parts = self.generator_loss(t, p["f"])
+        g_loss, parts = generator_loss(t, p["f"], self.cfg)
         self.last = {"loss_g": float(g_loss.detach()), "loss_s": float(kd.detach()), **parts}
         for k, v in self.last.items():
             self._sums[k] = self._sums.get(k, 0.0) + v
