@@ -256,3 +256,26 @@ def test_cli_distill_errors(cli, lenet_path, tmp_path, args, message):
 def test_cli_retrain_data_free_needs_a_teacher(cli, lenet_path, tmp_path):
     r = cli("retrain", lenet_path, "--data-free", "-o", tmp_path / "x.pt")
     assert r.exit_code == 2 and "--teacher" in one_error_line(r)
+
+
+# ---- the recipe stage ------------------------------------------------------------------------------
+
+def test_recipe_dafl_stage_starts_from_the_paper_preset(tmp_path):
+    from dcomp.recipe import load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nstages:\n  - stage: dafl\n    width: 0.5\n    train: {epochs: 3}\n"
+                 "  - stage: retrain\n    dafl: {teacher: input, iterations: 4}\n  - stage: pack\n")
+    rec = load_recipe(p)
+    train = rec.stages[0].config.train
+    assert (train.epochs, train.lr, train.optimizer, train.batch_size) == (3, 2e-3, "adam", 512)
+    assert rec.stages[1].config.dafl.iterations == 4
+
+
+def test_recipe_dafl_stage_without_a_student_names_the_line(tmp_path):
+    from dcomp.recipe import RecipeError, load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nstages:\n  - stage: prune\n    sparsity: 0.5\n  - stage: dafl\n    data_free: true\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml:5: stages\.1: .*which student"):
+        load_recipe(p)
