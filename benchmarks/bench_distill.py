@@ -28,11 +28,11 @@ DATASETS = {
 
 # The shortened schedules (everything else: the paper's DAFL preset).
 SCHEDULES = {
-    "mnist": {"teacher_epochs": 6, "student_epochs": 6, "student_lr": 0.01, "dafl_epochs": 10, "dafl_iterations": 15,
-              "dafl_batch": 128, "generator_width": 32, "input_mean": [0.1307], "input_std": [0.3081],
-              "prune_sparsity": 0.8, "retrain_epochs": 2, "retrain_iterations": 15},
-    "digits": {"teacher_epochs": 20, "student_epochs": 20, "student_lr": 0.01, "dafl_epochs": 10, "dafl_iterations": 10,
-               "dafl_batch": 128, "generator_width": 32, "input_mean": [0.305], "input_std": [0.376],
+    "mnist": {"teacher_epochs": 6, "student_epochs": 6, "student_lr": 0.01, "dafl_epochs": 10, "dafl_iterations": 20,
+              "dafl_batch": 64, "generator_width": 16, "input_mean": [0.1307], "input_std": [0.3081],
+              "prune_sparsity": 0.8, "retrain_epochs": 2, "retrain_iterations": 10},
+    "digits": {"teacher_epochs": 20, "student_epochs": 20, "student_lr": 0.01, "dafl_epochs": 10, "dafl_iterations": 20,
+               "dafl_batch": 64, "generator_width": 16, "input_mean": [0.305], "input_std": [0.376],
                "prune_sparsity": 0.8, "retrain_epochs": 2, "retrain_iterations": 10},
 }
 

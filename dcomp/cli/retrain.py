@@ -75,7 +75,7 @@ def retrain(
     groups: Annotated[str, _opt("--groups", help="group kinds, comma separated: filter, channel, shape (Conv) / row, column (Linear)", panel=P_REG)] = "filter",
     remove_below: Annotated[Optional[float], _opt("--remove-below", help="after training, remove groups whose L2 norm is below this (structurally)", panel=P_REG)] = None,
     # ---- distillation
-    teacher: Annotated[Optional[str], _opt("--teacher", help="teacher model file: adds Hinton KD (and CC with --cc-weight)", panel=P_KD)] = None,
+    teacher: Annotated[Optional[str], _opt("--teacher", help="teacher model file: adds Hinton KD (and CC with --cc-weight); with --data-free, the teacher the generator is trained against", panel=P_KD)] = None,
     kd_temperature: Annotated[Optional[float], _opt("--kd-temperature", help="softmax temperature T [default 4]", panel=P_KD)] = None,
     kd_alpha: Annotated[Optional[float], _opt("--kd-alpha", help="weight of the soft term; 1-alpha weighs CE [default 0.9]", panel=P_KD)] = None,
     cc_weight: Annotated[Optional[float], _opt("--cc-weight", help="correlation-congruence weight [default 0: off]", panel=P_KD)] = None,
