@@ -52,7 +52,7 @@ def done_records(out: str) -> set:
         return {(r["data"], r["seed"], r["what"]) for r in map(json.loads, filter(str.strip, f))}
 
 
-def run(name: str, seeds: list[int], out: str, pipeline: bool) -> None:
+def run(name: str, seeds: list[int], out: str, pipeline: bool, only: set | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -70,6 +70,8 @@ def run(name: str, seeds: list[int], out: str, pipeline: bool) -> None:
     test_only = TestSplitOnly(ds)
     for seed in seeds:
         done = done_records(out)  # a rerun skips what finished (teachers are cached in /tmp)
+        if only:  # --only dafl: a separate process for one part (the others count as done)
+            done |= {(name, seed, w) for w in ("teacher", "scratch", "kd", "dafl") if w not in only}
         # ---- teacher: LeNet-5 on the real training split
         cache = f"/tmp/dafl-bench/teacher-{name}-{seed}.pt"
         if os.path.exists(cache):
@@ -112,6 +114,8 @@ def run(name: str, seeds: list[int], out: str, pipeline: bool) -> None:
             log(out, {"data": name, "seed": seed, "what": "kd", "top1": r.metrics["top1"],
                       "params": r.metrics["params"], "cpu_s": r.metrics["cpu_seconds"]})
 
+        if (name, seed, "dafl") in done:
+            continue
         # ---- DAFL: no real training sample (the dataset object refuses access to it)
         dcfg = DAFLConfig(iterations=sch["dafl_iterations"], generator_width=sch["generator_width"],
                           input_mean=sch["input_mean"], input_std=sch["input_std"])
@@ -212,13 +216,15 @@ def main(argv=None):
     ap.add_argument("--out", default="/tmp/distill.jsonl")
     ap.add_argument("--no-pipeline", action="store_true")
     ap.add_argument("--render", nargs="*")
+    ap.add_argument("--only", help="comma-separated parts to run: teacher, scratch, kd, dafl")
     a = ap.parse_args(argv)
     if a.render is not None:
         render(a.render)
         return
     if a.data is None:
         sys.exit("give --data mnist|digits or --render FILES")
-    run(a.data, [int(s) for s in a.seeds.split(",")], a.out, not a.no_pipeline)
+    run(a.data, [int(s) for s in a.seeds.split(",")], a.out, not a.no_pipeline,
+        set(a.only.split(",")) if a.only else None)
 
 
 if __name__ == "__main__":
