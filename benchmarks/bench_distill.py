@@ -183,7 +183,7 @@ def render(paths: list[str]) -> None:
         labels = {"teacher": "LeNet-5 teacher (real data)", "dafl": "LeNet-5-half, DAFL (no data)",
                   "kd": "LeNet-5-half, KD on real training split", "scratch": "LeNet-5-half from scratch (real data)"}
         for what in ("teacher", "dafl", "kd", "scratch"):
-            rs = [r for r in mine if r["what"] == what]
+            rs = sorted((r for r in mine if r["what"] == what), key=lambda r: r["seed"])
             if not rs:
                 continue
             accs = [r["top1"] for r in rs]
@@ -193,9 +193,9 @@ def render(paths: list[str]) -> None:
                   f"{statistics.mean(r['cpu_s'] for r in rs):.0f} |")
         loads = [r["load_avg"] for r in mine]
         print(f"\nLoad average (1 min) while running: {min(loads):.1f} to {max(loads):.1f} on 2 cores.")
-        curves = [r["by_epoch"] for r in mine if r["what"] == "dafl"]
+        curves = [r["by_epoch"] for r in sorted(mine, key=lambda r: r["seed"]) if r["what"] == "dafl"]
         if curves:
-            print("\nDAFL student test top-1 after each epoch (seed by seed): ")
+            print("\nDAFL student test top-1 after each epoch (seeds 0, 1, 2):\n")
             for c in curves:
                 print("- " + ", ".join(f"{a:.1f}" for a in c))
         for r in mine:
