@@ -41,6 +41,7 @@ def distill(
     epochs: Annotated[int, typer.Option("--epochs", min=0, help="epochs (data-free: of --iterations generated batches each)")] = 200,
     iterations: Annotated[Optional[int], typer.Option("--iterations", help="generated batches per epoch [default 120]", rich_help_panel=P_DAFL)] = None,
     latent_dim: Annotated[Optional[int], typer.Option("--latent-dim", help="generator noise size [default 100]", rich_help_panel=P_DAFL)] = None,
+    generator_width: Annotated[Optional[int], typer.Option("--generator-width", help="generator channels [default 128, the paper's; CPU time grows with its square]", rich_help_panel=P_DAFL)] = None,
     lr_g: Annotated[Optional[float], typer.Option("--lr-g", help="generator Adam learning rate [default 0.2]", rich_help_panel=P_DAFL)] = None,
     oh: Annotated[Optional[float], typer.Option("--oh", help="one-hot loss weight [default 1]", rich_help_panel=P_DAFL)] = None,
     ie: Annotated[Optional[float], typer.Option("--ie", help="information-entropy loss weight [default 5]", rich_help_panel=P_DAFL)] = None,
@@ -60,7 +61,7 @@ def distill(
     from dcomp.stages import StageContext
 
     # ---- every option is checked before anything is read or trained
-    dafl_opts = {"iterations": iterations, "latent_dim": latent_dim, "lr_g": lr_g, "oh": oh, "ie": ie, "a": a,
+    dafl_opts = {"iterations": iterations, "latent_dim": latent_dim, "generator_width": generator_width, "lr_g": lr_g, "oh": oh, "ie": ie, "a": a,
                  "input_mean": _floats(input_mean, "--input-mean"), "input_std": _floats(input_std, "--input-std"),
                  "temperature": temperature if data_free else None}
     if not data_free:
