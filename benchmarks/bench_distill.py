@@ -52,7 +52,7 @@ def done_records(out: str) -> set:
         return {(r["data"], r["seed"], r["what"]) for r in map(json.loads, filter(str.strip, f))}
 
 
-def run(name: str, seeds: list[int], out: str, pipeline: bool, only: set | None = None) -> None:
+def run(name: str, seeds: list[int], out: str, pipeline: bool, only: set | None = None, reuse: bool = False) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -122,15 +122,17 @@ def run(name: str, seeds: list[int], out: str, pipeline: bool, only: set | None 
         cfg = DistillStudentConfig(width=0.5, data_free=True, dafl=dcfg,
                                    train=paper_train_config(epochs=sch["dafl_epochs"], batch_size=sch["dafl_batch"]))
         samples = f"docs/bench/distill-samples-{name}.png" if seed == 0 else None
-        r = apply_distill(t_ckpt, cfg, StageContext(data=test_only, seed=seed), samples=samples)
+        gen = f"/tmp/dafl-bench/generator-{name}-{seed}.gen"
+        r = apply_distill(t_ckpt, cfg, StageContext(data=test_only, seed=seed), samples=samples,
+                          save_generator_to=gen if reuse else None)
         log(out, {"data": name, "seed": seed, "what": "dafl", "top1": r.metrics["top1"], "params": r.metrics["params"],
                   "cpu_s": r.metrics["cpu_seconds"], "by_epoch": r.metrics["test_top1_by_epoch"],
                   "sample_classes": r.metrics.get("sample_classes")})
         if pipeline and seed == 0:
-            pipeline_run(name, sch, t_ckpt, r.checkpoint, test_only, seed, out)
+            pipeline_run(name, sch, t_ckpt, r.checkpoint, test_only, seed, out, gen if reuse else None)
 
 
-def pipeline_run(name, sch, teacher_ckpt, student_ckpt, test_only, seed, out):
+def pipeline_run(name, sch, teacher_ckpt, student_ckpt, test_only, seed, out, generator=None):
     """prune -> data-free retrain -> quantize -> data-free (centroid) retrain -> pack, no real sample."""
     from dcomp.compressors.dafl import DataFreeConfig
     from dcomp.compressors.pruning import PruneConfig, apply_prune
@@ -149,7 +151,7 @@ def pipeline_run(name, sch, teacher_ckpt, student_ckpt, test_only, seed, out):
                                                recalibrate_bn=False), ctx).checkpoint
     rows.append({"step": f"prune {sch['prune_sparsity']:.0%} (layer-wise magnitude)", "top1": accuracy(ck, test_only)})
     dafl = DataFreeConfig(teacher="input", iterations=sch["retrain_iterations"], generator_width=sch["generator_width"],
-                          input_mean=sch["input_mean"], input_std=sch["input_std"])
+                          input_mean=sch["input_mean"], input_std=sch["input_std"], generator=generator)
     train = TrainConfig(epochs=sch["retrain_epochs"], batch_size=sch["dafl_batch"], lr=1e-3, optimizer="adam",
                         weight_decay=0.0, lr_schedule="constant")
     ck = apply_retrain(ck, RetrainConfig(train=train, dafl=dafl), ctx, teacher_ckpt=teacher_ckpt).checkpoint
@@ -162,7 +164,7 @@ def pipeline_run(name, sch, teacher_ckpt, student_ckpt, test_only, seed, out):
     packed = apply_pack(ck, PackConfig(), ctx)
     back = read_checkpoint(packed.data, "packed")
     rows.append({"step": "pack (.dcz)", "top1": accuracy(back, test_only), "bytes": len(packed.data)})
-    log(out, {"data": name, "seed": seed, "what": "pipeline", "rows": rows, "dense_bytes": dense_bytes,
+    log(out, {"data": name, "seed": seed, "what": "pipeline-reused" if generator else "pipeline", "rows": rows, "dense_bytes": dense_bytes,
               "cpu_s": time.process_time() - t0})
 
 
@@ -199,9 +201,11 @@ def render(paths: list[str]) -> None:
             for c in curves:
                 print("- " + ", ".join(f"{a:.1f}" for a in c))
         for r in mine:
-            if r["what"] == "pipeline":
-                print(f"\nDeep Compression on the DAFL student (seed {r['seed']}), no real training sample "
-                      f"(CPU {r['cpu_s']:.0f} s):\n")
+            if r["what"] in ("pipeline", "pipeline-reused"):
+                how = ("retraining starts from the generator the DAFL step trained" if r["what"] == "pipeline-reused"
+                       else "each retraining starts a fresh generator")
+                print(f"\nDeep Compression on the DAFL student (seed {r['seed']}), no real training sample, "
+                      f"{how} (CPU {r['cpu_s']:.0f} s):\n")
                 print("| step | test top-1 % | size |")
                 print("|---|---|---|")
                 for row in r["rows"]:
@@ -217,6 +221,7 @@ def main(argv=None):
     ap.add_argument("--no-pipeline", action="store_true")
     ap.add_argument("--render", nargs="*")
     ap.add_argument("--only", help="comma-separated parts to run: teacher, scratch, kd, dafl")
+    ap.add_argument("--reuse-generator", action="store_true", help="data-free retraining starts from DAFL's generator")
     a = ap.parse_args(argv)
     if a.render is not None:
         render(a.render)
@@ -224,7 +229,7 @@ def main(argv=None):
     if a.data is None:
         sys.exit("give --data mnist|digits or --render FILES")
     run(a.data, [int(s) for s in a.seeds.split(",")], a.out, not a.no_pipeline,
-        set(a.only.split(",")) if a.only else None)
+        set(a.only.split(",")) if a.only else None, a.reuse_generator)
 
 
 if __name__ == "__main__":

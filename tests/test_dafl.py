@@ -279,3 +279,29 @@ def test_recipe_dafl_stage_without_a_student_names_the_line(tmp_path):
     p.write_text("name: x\nstages:\n  - stage: prune\n    sparsity: 0.5\n  - stage: dafl\n    data_free: true\n")
     with pytest.raises(RecipeError, match=r"r\.yaml:5: stages\.1: .*which student"):
         load_recipe(p)
+
+
+def test_saved_generator_loads_with_the_same_outputs_and_checks_shape(tmp_path):
+    g = D.Generator((1, 8, 8), latent_dim=10, mean=[0.3], std=[0.4], width=8).eval()
+    path = tmp_path / "g.gen"
+    D.save_generator(g, path)
+    back = D.load_generator(path, (1, 8, 8)).eval()
+    z = torch.randn(3, 10)
+    assert torch.equal(g(z), back(z))
+    with pytest.raises(UsageError, match="makes inputs"):
+        D.load_generator(path, (1, 28, 28))
+
+
+def test_cli_distill_saves_a_generator_that_retrain_reuses(cli, lenet_path, tmp_path):
+    gen, student, out = tmp_path / "g.gen", tmp_path / "s.pt", tmp_path / "r.pt"
+    r = cli("distill", lenet_path, "--data-free", "--width", "0.5", "--epochs", "1", "--iterations", "2",
+            "--batch-size", "16", "--generator-width", "8", "--save-generator", gen, "-o", student, "--quiet")
+    assert r.exit_code == 0, r.output
+    r = cli("retrain", student, "--data-free", "--teacher", lenet_path, "--generator", gen, "--epochs", "1",
+            "--iterations", "2", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["data_free"] is True
+    from dcomp.formats.checkpoint import read_checkpoint
+
+    prov = read_checkpoint(out.read_bytes()).provenance[-1]
+    assert prov["params"]["dafl"]["generator"] == str(gen)

@@ -50,6 +50,7 @@ def distill(
     input_mean: Annotated[Optional[str], typer.Option("--input-mean", help="per-channel mean of the teacher's inputs, comma separated [default 0]", rich_help_panel=P_DAFL)] = None,
     input_std: Annotated[Optional[str], typer.Option("--input-std", help="per-channel std of the teacher's inputs [default 1]", rich_help_panel=P_DAFL)] = None,
     samples: Annotated[Optional[str], typer.Option("--samples", help="write a PNG grid of generated samples per class here", rich_help_panel=P_DAFL)] = None,
+    save_generator: Annotated[Optional[str], typer.Option("--save-generator", help="write the trained generator here (for `retrain --data-free --generator`)", rich_help_panel=P_DAFL)] = None,
     train_opts: dict | None = None,
 ):
     from pathlib import Path
@@ -66,8 +67,8 @@ def distill(
                  "temperature": temperature if data_free else None}
     if not data_free:
         given = [k for k, v in dafl_opts.items() if v is not None]
-        if given or samples:
-            flag = "--" + (given[0].replace("_", "-") if given else "samples")
+        if given or samples or save_generator:
+            flag = "--" + (given[0].replace("_", "-") if given else "samples" if samples else "save-generator")
             raise UsageError(f"{flag} only applies with --data-free")
         if data is None:
             raise UsageError("distilling on real data needs --data (its training split); add --data-free to use none")
@@ -79,12 +80,11 @@ def distill(
             **({"kd_temperature": temperature} if temperature is not None and not data_free else {}))
     except ValidationError as e:
         raise UsageError(common.pydantic_message(e).replace("--dafl.", "--").replace("--value", "--student")) from None
-    if samples is not None:
-        sp = Path(samples)
-        if not sp.parent.exists() or sp.is_dir():
-            raise UsageError(f"--samples {samples}: give a file name in an existing folder")
+    for flag, value in (("--samples", samples), ("--save-generator", save_generator)):
+        if value is not None and (not Path(value).parent.exists() or Path(value).is_dir()):
+            raise UsageError(f"{flag} {value}: give a file name in an existing folder")
     inp = common.read_input(teacher, "a teacher model file")
-    sink = common.plan_output(output, inp, reads=(student, samples))
+    sink = common.plan_output(output, inp, reads=(student, samples, save_generator))
     ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
     ds = common.dataset_for(ckpt, data, resize) if data is not None else None
     if ds is not None and data_free:  # the test split only, for reporting
@@ -93,7 +93,7 @@ def distill(
         ds = TestSplitOnly(ds)
     ctx = StageContext(data=ds, console=common.console(), seed=common.state.seed,
                        trust_pickle=common.state.trust_pickle)
-    res = apply_distill(ckpt, cfg, ctx, samples=samples)
+    res = apply_distill(ckpt, cfg, ctx, samples=samples, save_generator_to=save_generator)
     m = res.metrics
     dest = sink.write(res.checkpoint.to_bytes())
     rows = {"mode": "data-free (DAFL)" if data_free else f"KD on {ds.spec} training split",
@@ -107,5 +107,7 @@ def distill(
     rows["CPU seconds"] = m["cpu_seconds"]
     if samples:
         rows["samples"] = samples
+    if save_generator:
+        rows["generator"] = save_generator
     rows["output"] = dest
     common.emit({"output": dest, **m}, lambda c: c.print(kv_table("distilled", rows)))

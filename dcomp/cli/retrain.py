@@ -88,6 +88,7 @@ def retrain(
     lr_g: Annotated[Optional[float], _opt("--lr-g", help="generator Adam learning rate [default 0.2]", panel=P_DF)] = None,
     input_mean: Annotated[Optional[str], _opt("--input-mean", help="per-channel mean of the teacher's inputs [default 0]", panel=P_DF)] = None,
     input_std: Annotated[Optional[str], _opt("--input-std", help="per-channel std of the teacher's inputs [default 1]", panel=P_DF)] = None,
+    generator: Annotated[Optional[str], _opt("--generator", help="start from a generator saved by `distill --save-generator`", panel=P_DF)] = None,
     train_opts: dict | None = None,
 ):
     from dcomp.compressors.distill import DistillConfig, check_teacher, load_teacher
@@ -114,7 +115,7 @@ def retrain(
     _unused(method in ("iht", "dsd"), "--method iht or dsd", sparsity=sparsity, sparse_len=sparse_len, dense_len=dense_len)
     _unused(group_lasso is not None, "--group-lasso", remove_below=remove_below)
     _unused(data_free, "--data-free", iterations=iterations, generator_width=generator_width, lr_g=lr_g,
-            input_mean=input_mean, input_std=input_std)
+            input_mean=input_mean, input_std=input_std, generator=generator)
     if data_free and teacher is None:
         raise UsageError("--data-free distils from a teacher: give --teacher MODEL")
     if data_free:
@@ -148,7 +149,7 @@ def retrain(
 
         parts["dafl"] = _config(DataFreeConfig, dict(teacher=teacher, iterations=iterations, generator_width=generator_width,
                                                      lr_g=lr_g, input_mean=_floats(input_mean, "--input-mean"),
-                                                     input_std=_floats(input_std, "--input-std")),
+                                                     input_std=_floats(input_std, "--input-std"), generator=generator),
                                 {"iterations": "--iterations", "generator_width": "--generator-width", "lr_g": "--lr-g",
                                  "input_mean": "--input-mean", "input_std": "--input-std"})
     elif teacher is not None:

@@ -58,6 +58,8 @@ class DAFLConfig(BaseModel):
     ie: float = Field(5.0, ge=0, description="weight of the information-entropy loss (class balance)")
     a: float = Field(0.1, ge=0, description="weight of the activation loss (-mean |teacher features|)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the student's KL loss")
+    generator: str | None = Field(None, description="start from a generator saved by `distill --save-generator` "
+                                                    "(its size and input range come from the file)")
     input_mean: list[float] = Field(default_factory=lambda: [0.0],
                                     description="per-channel mean of the inputs the teacher expects (one value = all channels)")
     input_std: list[float] = Field(default_factory=lambda: [1.0],
@@ -225,8 +227,11 @@ class DAFL(Callback):
         self.cfg = cfg
         self.input_shape = tuple(input_shape)
         torch.manual_seed(seed + 7919)  # the generator's initial weights: seeded, apart from the student's
+        if generator is None and cfg.generator is not None:
+            generator = load_generator(cfg.generator, input_shape)
         self.generator = generator if generator is not None else Generator(
             input_shape, cfg.latent_dim, cfg.input_mean, cfg.input_std, cfg.generator_width)
+        self.latent_dim = self.generator.latent_dim
         self.z_gen = torch.Generator().manual_seed(seed * 1000003 + 17)
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g)
         self.eval_data = eval_data
@@ -244,7 +249,7 @@ class DAFL(Callback):
             raise UsageError("data-free distillation needs batches of at least 2 (the generator uses BatchNorm)")
         self.generator.train()
         self.optimizer.zero_grad(set_to_none=True)
-        z = torch.randn(batch_size, self.cfg.latent_dim, generator=self.z_gen).to(self.device)
+        z = torch.randn(batch_size, self.latent_dim, generator=self.z_gen).to(self.device)
         x = self.generator(z)
         t_logits = self.teacher(x)
         if self.tap.features is None:
@@ -307,9 +312,51 @@ class DAFL(Callback):
         """n generated inputs (generator in eval mode) and the teacher's labels for them."""
         self.generator.eval()
         self.teacher.eval()
-        z = torch.randn(n, self.cfg.latent_dim, generator=torch.Generator().manual_seed(seed))
+        z = torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(seed))
         x = self.generator(z)
         return x, self.teacher(x).argmax(1)
+
+
+GENERATOR_FORMAT = "dcomp-dafl-generator"
+
+
+def save_generator(g: Generator, path) -> None:
+    """Plain data and tensors only (loads with weights_only=True), written atomically."""
+    import io
+
+    from dcomp.formats.checkpoint import atomic_write
+
+    buf = io.BytesIO()
+    torch.save({"format": GENERATOR_FORMAT, "version": 1, "input_shape": list(g.input_shape),
+                "latent_dim": g.latent_dim, "width": getattr(g, "width", 128),
+                "mean": g.out_mean.flatten().tolist(), "std": g.out_std.flatten().tolist(),
+                "state_dict": {k: v.detach().cpu() for k, v in g.state_dict().items()}}, buf)
+    from pathlib import Path
+
+    atomic_write(Path(path), buf.getvalue())
+
+
+def load_generator(path, input_shape) -> Generator:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"generator {path}: no such file (write one with `dcomp distill --save-generator`)")
+    try:
+        d = torch.load(p, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise DcompError(f"generator {path}: not a readable generator file ({type(e).__name__})") from None
+    if not isinstance(d, dict) or d.get("format") != GENERATOR_FORMAT:
+        raise DcompError(f"generator {path}: not a dcomp DAFL generator (write one with `dcomp distill --save-generator`)")
+    if list(d["input_shape"]) != list(input_shape):
+        raise UsageError(f"generator {path} makes inputs {d['input_shape']} but the teacher takes {list(input_shape)}")
+    mean, std = d["mean"], d["std"]
+    g = Generator(input_shape, d["latent_dim"], mean, std, d["width"])
+    try:
+        g.load_state_dict(d["state_dict"])
+    except RuntimeError as e:
+        raise DcompError(f"generator {path}: weights do not fit ({(str(e).splitlines() or [''])[0]})") from None
+    return g
 
 
 class GeneratedBatches(BatchSource):
@@ -481,7 +528,8 @@ class DistillStudentConfig(BaseModel):
             raise ValueError("data-free distillation has no real validation split for select=best; use last")
 
 
-def apply_distill(teacher_ckpt, cfg: DistillStudentConfig, ctx, progress=None, samples: str | None = None):
+def apply_distill(teacher_ckpt, cfg: DistillStudentConfig, ctx, progress=None, samples: str | None = None,
+                  save_generator_to: str | None = None):
     """Distil ``teacher_ckpt`` into the student ``cfg`` names. Data-free: ``ctx.data`` is optional
     and only its test split is read (to report accuracy). ``samples``: write a PNG grid of
     generated samples per class there. Returns a StageResult with the student checkpoint."""
@@ -519,6 +567,9 @@ def apply_distill(teacher_ckpt, cfg: DistillStudentConfig, ctx, progress=None, s
         if samples:
             metrics["sample_classes"] = sample_grid(dafl, samples, seed=ctx.seed)
             metrics["samples"] = str(samples)
+        if save_generator_to:
+            save_generator(dafl.generator, save_generator_to)
+            metrics["generator"] = str(save_generator_to)
     else:
         from dcomp.compressors.distill import DistillConfig, Distiller
 
