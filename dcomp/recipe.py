@@ -128,6 +128,8 @@ STAGES: dict[str, StageSpec] = {
                          "fine-tune with masks kept; AGP, DNS, IHT/DSD, L1, group lasso, distillation"),
     "distill": StageSpec(_lazy("dcomp.retrain:RetrainConfig"), "checkpoint",
                          "retrain with a teacher (distill.teacher: 'input' = the run's input model)"),
+    "dafl": StageSpec(_lazy("dcomp.compressors.dafl:DistillStudentConfig"), "checkpoint",
+                      "distil the current model into a student (student/width); data-free (DAFL) by default"),
     "quantize": StageSpec(_lazy("dcomp.compressors.quantization:QuantizeConfig"), "checkpoint",
                           "k-means weight sharing, optional centroid fine-tuning"),
     "finetune": StageSpec(lambda: FinetuneConfig, "checkpoint", "centroid fine-tuning of a quantized model"),
@@ -297,7 +299,7 @@ def load_recipe(path: str | Path, sets: list[str] | None = None, text: str | Non
         if kind == "distill":
             body.setdefault("distill", {}).setdefault("teacher", "input")
         for key, f in cls.model_fields.items():
-            if isinstance(body.get(key), dict) and _mentions(f.annotation, TrainConfig):
+            if kind != "dafl" and isinstance(body.get(key), dict) and _mentions(f.annotation, TrainConfig):
                 body[key] = {**FINETUNE_DEFAULTS, **body[key]}
         try:
             cfg = cls.model_validate(body)
@@ -356,6 +358,8 @@ def check_order(recipe: Recipe, input_quantized: bool = False) -> tuple[int, str
             packed_at = s.index
         if s.kind == "quantize":
             quantized = True
+        elif s.kind == "dafl":  # a new, unquantized student
+            quantized = False
         elif s.kind == "finetune" and not quantized:
             return s.index, "'finetune' trains the centroids of a quantized model: put a 'quantize' stage before it"
         elif s.kind == "factorize" and quantized:
@@ -408,8 +412,8 @@ def stage_keys(recipe: Recipe, input_sha: str, settings: dict[str, Any] | None =
     keys, h = [], input_sha + json.dumps(base, sort_keys=True, default=str)
     for s in recipe.stages:
         extra = ""
-        distill = getattr(s.config, "distill", None)
-        teacher = getattr(distill, "teacher", None)
+        distill = getattr(s.config, "distill", None) or getattr(s.config, "dafl", None)
+        teacher = getattr(distill, "teacher", None) or (getattr(s.config, "student", None) if s.kind == "dafl" else None)
         if teacher and teacher != "input" and Path(teacher).is_file():
             extra = _sha(Path(teacher).read_bytes())
         h = _sha((h + s.kind + json.dumps(s.params(), sort_keys=True) + extra).encode())
@@ -600,7 +604,25 @@ def _run_retrain(ckpt, s, ctx, state):
     teacher = None
     if s.config.distill is not None and s.config.distill.teacher == "input":
         teacher = state.input_ckpt
+    if s.config.dafl is not None:  # data-free: the stage may read the test split only
+        from dataclasses import replace
+
+        from dcomp.compressors.dafl import TestSplitOnly
+
+        teacher = state.input_ckpt if s.config.dafl.teacher == "input" else None
+        ctx = replace(ctx, data=TestSplitOnly(ctx.data) if ctx.data is not None else None)
     r = apply_retrain(ckpt, s.config, ctx, teacher_ckpt=teacher)
+    return r.checkpoint, None, r.metrics
+
+
+def _run_dafl(ckpt, s, ctx, state):
+    from dataclasses import replace
+
+    from dcomp.compressors.dafl import TestSplitOnly, apply_distill
+
+    if s.config.data_free and ctx.data is not None:  # the test split only, for reporting
+        ctx = replace(ctx, data=TestSplitOnly(ctx.data))
+    r = apply_distill(ckpt, s.config, ctx)
     return r.checkpoint, None, r.metrics
 
 
@@ -684,6 +706,7 @@ RUNNERS: dict[str, StageRunner] = {
     "prune": _run_prune,
     "retrain": _run_retrain,
     "distill": _run_retrain,
+    "dafl": _run_dafl,
     "quantize": _run_quantize,
     "finetune": _run_finetune,
     "eval": _run_eval,

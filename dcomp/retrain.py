@@ -9,6 +9,8 @@ the one training loop (dcomp.train); this module wires a checkpoint to them:
                                                      mask-changing method (agp | dns | iht) and any
                                                      of l1, group_lasso (+ structural removal),
                                                      distill; what `dcomp retrain` and recipes call
+                                                     (``dafl``: data-free, the batches come from a
+                                                     generator trained against the teacher)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dcomp.compressors.dafl import DataFreeConfig
 from dcomp.compressors.distill import DistillConfig
 from dcomp.compressors.dsd import IHTConfig
 from dcomp.compressors.regularizers import GroupLassoConfig, L1Config
@@ -75,9 +78,15 @@ class RetrainConfig(BaseModel):
     l1: L1Config | None = None
     group_lasso: GroupLassoConfig | None = None
     distill: DistillConfig | None = None
+    dafl: DataFreeConfig | None = None
 
     @model_validator(mode="after")
     def _check(self):
+        if self.dafl is not None and self.distill is not None:
+            raise ValueError("data-free retraining already distils from its teacher on generated batches; "
+                             "drop distill (the --kd-*/--cc-* options) or dafl (--data-free)")
+        if self.dafl is not None and self.train.select == "best":
+            raise ValueError("data-free retraining has no real validation split for --select best; use --select last")
         chosen = [n for n in ("agp", "dns", "iht") if getattr(self, n) is not None]
         if len(chosen) > 1:
             raise ValueError(f"choose one mask method, got {' and '.join(chosen)} "
@@ -134,7 +143,10 @@ def _structural_removal(out: Checkpoint, gl: GroupLassoConfig, trust_pickle: boo
 
 def apply_retrain(ckpt: Checkpoint, cfg: RetrainConfig, ctx: StageContext, progress=None,
                   teacher_ckpt: Checkpoint | None = None) -> StageResult:
-    """Run the retrain stage; ``ctx.data`` must be set. Never modifies ``ckpt``."""
+    """Run the retrain stage; ``ctx.data`` must be set (data-free: optional, and only its test split
+    is read, to report accuracy). Never modifies ``ckpt``."""
+    if cfg.dafl is not None:
+        return _apply_data_free(ckpt, cfg, ctx, progress, teacher_ckpt)
     if ctx.data is None:
         raise UsageError("retrain needs training data")
     teacher = None
@@ -168,4 +180,45 @@ def apply_retrain(ckpt: Checkpoint, cfg: RetrainConfig, ctx: StageContext, progr
         metrics["masked_sparsity"] = 1.0 - kept / max(total, 1)
     out.add_provenance("retrain", {"data": ctx.data.spec, "seed": ctx.seed,
                                    **cfg.model_dump(exclude_none=True)}, metrics)
+    return StageResult(out, metrics)
+
+
+def _apply_data_free(ckpt: Checkpoint, cfg: RetrainConfig, ctx: StageContext, progress,
+                     teacher_ckpt: Checkpoint | None) -> StageResult:
+    """apply_retrain with ``cfg.dafl``: the loop's batches come from a DAFL generator trained
+    against the teacher in the same iterations; the real data (if any) is only evaluated on."""
+    from dcomp.compressors.dafl import DAFL, GeneratedBatches
+    from dcomp.compressors.distill import check_teacher, load_teacher
+
+    teacher_ckpt = teacher_ckpt or load_teacher(cfg.dafl.teacher, ctx.trust_pickle)
+    check_teacher(teacher_ckpt, ckpt, f"--teacher {cfg.dafl.teacher}")
+    teacher = teacher_ckpt.build_model(trust_pickle=ctx.trust_pickle)
+    test = (ctx.data.x_test, ctx.data.y_test) if ctx.data is not None else None
+    dafl = DAFL(teacher, ckpt.input_shape, cfg.dafl, seed=ctx.seed, eval_data=test)
+    callbacks = build_callbacks(ckpt, cfg, ctx.seed) + [dafl]
+    if progress is None and ctx.console is not None:
+        from dcomp.cli.ui import DAFLProgress
+
+        progress = DAFLProgress(ctx.console, "retrain (data-free)", dafl)
+    metrics: dict = {"data_free": True}
+    if ctx.data is not None:
+        metrics["top1_before"] = accuracy(ckpt, ctx.data, ctx.trust_pickle)
+    out, result = retrain(ckpt, GeneratedBatches(dafl), cfg.train, callbacks, seed=ctx.seed, progress=progress,
+                          trust_pickle=ctx.trust_pickle)
+    for cb in callbacks:
+        if hasattr(cb, "summary"):
+            metrics.update(cb.summary())
+    if cfg.group_lasso is not None and cfg.group_lasso.remove_below is not None:
+        metrics.update(_structural_removal(out, cfg.group_lasso, ctx.trust_pickle))
+    nonzero, params = out.nonzero_count(), out.param_count()
+    if ctx.data is not None:
+        metrics["top1_after"] = accuracy(out, ctx.data, ctx.trust_pickle)
+    metrics.update({"nonzero": nonzero, "params": params, "sparsity": 1.0 - nonzero / max(params, 1)})
+    if out.masks:
+        kept = sum(int(m.sum()) for m in out.masks.values())
+        total = sum(m.numel() for m in out.masks.values())
+        metrics["masked_sparsity"] = 1.0 - kept / max(total, 1)
+    params_rec = {"data": "none (data-free)", "test_data": ctx.data.spec if ctx.data is not None else None,
+                  "seed": ctx.seed, **cfg.model_dump(exclude_none=True)}
+    out.add_provenance("retrain", params_rec, metrics)
     return StageResult(out, metrics)

@@ -9,6 +9,11 @@ distillation all run through ``fit``; what differs between them is a list of cal
     after_step(ctx)                        the optimizer has stepped (re-masking, mask updates)
     on_epoch_end(ctx)
 
+What the loop iterates over is a ``BatchSource``: a ``Dataset`` becomes ``TensorBatches`` over its
+training split (seeded per-epoch permutations); data-free distillation passes a source that
+yields generated batches instead (``dcomp.compressors.dafl.GeneratedBatches``), so the same loop,
+masks and callbacks train on them.
+
 Masks are kept by the built-in ``MaskKeeper``: gradients of pruned weights are zeroed after
 backward and the weights are re-masked after every step, so pruned weights stay exactly zero
 whatever the optimizer's momentum or weight decay does.
@@ -173,9 +178,41 @@ def _mask_checksum(masks: dict[str, torch.Tensor]) -> int:
     return crc
 
 
+class BatchSource:
+    """What ``fit`` iterates over: ``steps_per_epoch`` batches of (x, y) per epoch.
+
+    ``batches`` yields them; ``x`` and ``y`` may live anywhere (``fit`` moves them to the device).
+    A source that is not a fixed split of real data has no validation part (``select=best`` is
+    refused for it)."""
+
+    def steps_per_epoch(self, batch_size: int, world: int) -> int:
+        raise NotImplementedError
+
+    def batches(self, epoch: int, batch_size: int, rank: int, world: int, seed: int):
+        raise NotImplementedError
+
+
+class TensorBatches(BatchSource):
+    """Mini-batches of in-memory tensors: a seeded permutation per epoch, rank r takes every
+    world-th sample of it (the behaviour ``fit`` has always had for a Dataset)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def steps_per_epoch(self, batch_size, world):
+        return max(1, math.ceil(math.ceil(len(self.x) / world) / batch_size))
+
+    def batches(self, epoch, batch_size, rank, world, seed):
+        perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+        mine = perm[rank::world]
+        for i in range(0, len(mine), batch_size):
+            idx = mine[i:i + batch_size]
+            yield self.x[idx], self.y[idx]
+
+
 def fit(
     model: nn.Module,
-    data: Dataset,
+    data: Dataset | BatchSource,
     cfg: TrainConfig,
     masks: dict[str, torch.Tensor] | None = None,
     callbacks: Sequence[Callback] = (),
@@ -183,7 +220,8 @@ def fit(
     progress=None,
     trainable: Sequence[nn.Parameter] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``data`` under ``cfg``; see the module docstring.
+    """Train ``model`` in place on ``data`` (a Dataset's training split, or any BatchSource)
+    under ``cfg``; see the module docstring.
 
     ``progress`` is a ``dcomp.cli.ui.TrainProgress``-like object (or None for silence).
     ``trainable`` restricts the optimizer to these parameters (default: all).
@@ -199,14 +237,19 @@ def fit(
     if missing:
         raise DcompError(f"masks name parameters the model does not have: {', '.join(missing[:3])}")
 
-    x_train, y_train = data.x_train, data.y_train
     x_val = y_val = None
-    if cfg.select == "best":
-        x_train, y_train, x_val, y_val = data.split_validation(cfg.val_fraction)
+    if isinstance(data, BatchSource):
+        if cfg.select == "best":
+            raise DcompError("select=best needs a validation split of real data, and this batch source has "
+                             "none; use select=last")
+        source = data
+    else:
+        x_train, y_train = data.x_train, data.y_train
+        if cfg.select == "best":
+            x_train, y_train, x_val, y_val = data.split_validation(cfg.val_fraction)
+        source = TensorBatches(x_train, y_train)
 
-    n = len(x_train)
-    per_rank = math.ceil(n / world)
-    steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
+    steps_per_epoch = source.steps_per_epoch(cfg.batch_size, world)
     total = steps_per_epoch * cfg.epochs
 
     opt_params = list(trainable) if trainable is not None else list(model.parameters())
@@ -233,12 +276,9 @@ def fit(
     model.train()
     for epoch in range(cfg.epochs):
         ctx.epoch = epoch
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
-        mine = perm[rank::world]
         loss_sum, correct, seen = 0.0, 0, 0
-        for i in range(0, len(mine), cfg.batch_size):
-            idx = mine[i:i + cfg.batch_size]
-            xb, yb = x_train[idx].to(dev), y_train[idx].to(dev)
+        for xb, yb in source.batches(epoch, cfg.batch_size, rank, world, seed):
+            xb, yb = xb.to(dev), yb.to(dev)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * _lr_factor(cfg, ctx.step, total)
             for cb in all_callbacks:
@@ -255,9 +295,9 @@ def fit(
             ctx.step += 1
             for cb in all_callbacks:
                 cb.after_step(ctx)
-            loss_sum += float(loss.detach()) * len(idx)
+            loss_sum += float(loss.detach()) * len(xb)
             correct += int((out.argmax(1) == yb).sum())
-            seen += len(idx)
+            seen += len(xb)
             if progress is not None:
                 progress.advance(loss=loss_sum / seen, acc=100.0 * correct / seen)
         for cb in all_callbacks:

@@ -38,6 +38,8 @@ def _tiny(raw: dict) -> dict:
         if "iht" in st:
             st["iht"].update(sparse_len=1, dense_len=1)
             st["train"]["epochs"] = 3
+        if isinstance(st.get("dafl"), dict):  # data-free: a few generated batches per stage
+            st["dafl"].update(iterations=25, generator_width=16)
     return raw
 
 
@@ -65,7 +67,9 @@ def test_every_shipped_recipe_runs(path, tmp_path, cli):
     summary = json.loads(r.stdout)
     assert out.exists() and summary["output_bytes"] == out.stat().st_size
     assert len(summary["stages"]) == len(raw["stages"])
-    assert summary["top1_after"] > 50  # tiny epochs: still a working classifier
+    data_free = any(s["stage"] == "dafl" for s in raw["stages"])
+    # tiny epochs: still a working classifier (data-free, from a few generated batches: above chance)
+    assert summary["top1_after"] > (20 if data_free else 50)
     if packs:
         assert summary["compression_ratio"] > 5
     log = [json.loads(l) for l in Path(f"{out}.work").joinpath("run.jsonl").read_text().splitlines()]

@@ -1,7 +1,9 @@
 """Fine-tune a pruned or quantized checkpoint with its masks kept (pruned weights stay zero),
 optionally with a training-time method: AGP (--method agp), Dynamic Network Surgery
 (--method dns), IHT/DSD (--method iht|dsd), L1 / group-lasso regularisers (--l1, --group-lasso,
---remove-below for structural removal afterwards) and distillation (--teacher)."""
+--remove-below for structural removal afterwards) and distillation (--teacher). With --data-free
+--teacher T, no real training sample is read: a DAFL generator trained against T in the same
+iterations supplies the batches (--data then only gives the test split for reporting)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ P_DNS = "Dynamic Network Surgery (--method dns)"
 P_IHT = "IHT / DSD (--method iht|dsd)"
 P_REG = "Regularisers"
 P_KD = "Distillation"
+P_DF = "Data-free (DAFL)"
 
 
 def _opt(*names, help, panel, **kw):
@@ -72,12 +75,20 @@ def retrain(
     groups: Annotated[str, _opt("--groups", help="group kinds, comma separated: filter, channel, shape (Conv) / row, column (Linear)", panel=P_REG)] = "filter",
     remove_below: Annotated[Optional[float], _opt("--remove-below", help="after training, remove groups whose L2 norm is below this (structurally)", panel=P_REG)] = None,
     # ---- distillation
-    teacher: Annotated[Optional[str], _opt("--teacher", help="teacher model file: adds Hinton KD (and CC with --cc-weight)", panel=P_KD)] = None,
+    teacher: Annotated[Optional[str], _opt("--teacher", help="teacher model file: adds Hinton KD (and CC with --cc-weight); with --data-free, the teacher the generator is trained against", panel=P_KD)] = None,
     kd_temperature: Annotated[Optional[float], _opt("--kd-temperature", help="softmax temperature T [default 4]", panel=P_KD)] = None,
     kd_alpha: Annotated[Optional[float], _opt("--kd-alpha", help="weight of the soft term; 1-alpha weighs CE [default 0.9]", panel=P_KD)] = None,
     cc_weight: Annotated[Optional[float], _opt("--cc-weight", help="correlation-congruence weight [default 0: off]", panel=P_KD)] = None,
     cc_gamma: Annotated[Optional[float], _opt("--cc-gamma", help="Gaussian kernel gamma [default 0.4]", panel=P_KD)] = None,
     cc_order: Annotated[Optional[int], _opt("--cc-order", help="P: Taylor order of the kernel [default 2]", panel=P_KD)] = None,
+    # ---- data-free
+    data_free: Annotated[bool, _opt("--data-free", help="read no real training sample: distil from --teacher on batches of a DAFL generator", panel=P_DF)] = False,
+    iterations: Annotated[Optional[int], _opt("--iterations", help="generated batches per epoch [default 120]", panel=P_DF)] = None,
+    generator_width: Annotated[Optional[int], _opt("--generator-width", help="generator channels [default 128, the paper's]", panel=P_DF)] = None,
+    lr_g: Annotated[Optional[float], _opt("--lr-g", help="generator Adam learning rate [default 0.2]", panel=P_DF)] = None,
+    input_mean: Annotated[Optional[str], _opt("--input-mean", help="per-channel mean of the teacher's inputs [default 0]", panel=P_DF)] = None,
+    input_std: Annotated[Optional[str], _opt("--input-std", help="per-channel std of the teacher's inputs [default 1]", panel=P_DF)] = None,
+    generator: Annotated[Optional[str], _opt("--generator", help="start from a generator saved by `distill --save-generator`", panel=P_DF)] = None,
     train_opts: dict | None = None,
 ):
     from dcomp.compressors.distill import DistillConfig, check_teacher, load_teacher
@@ -107,6 +118,13 @@ def retrain(
     _unused(method == "dns", "--method dns", dns_c=dns_c, dns_gamma=dns_gamma, dns_power=dns_power, dns_stop=dns_stop)
     _unused(method in ("iht", "dsd"), "--method iht or dsd", sparsity=sparsity, sparse_len=sparse_len, dense_len=dense_len)
     _unused(group_lasso is not None, "--group-lasso", remove_below=remove_below)
+    _unused(data_free, "--data-free", iterations=iterations, generator_width=generator_width, lr_g=lr_g,
+            input_mean=input_mean, input_std=input_std, generator=generator)
+    if data_free and teacher is None:
+        raise UsageError("--data-free distils from a teacher: give --teacher MODEL")
+    if data_free:
+        _unused(False, "--teacher without --data-free", kd_temperature=kd_temperature, kd_alpha=kd_alpha,
+                cc_weight=cc_weight, cc_gamma=cc_gamma, cc_order=cc_order)
     _unused(teacher is not None, "--teacher", kd_temperature=kd_temperature, kd_alpha=kd_alpha, cc_weight=cc_weight,
             cc_gamma=cc_gamma, cc_order=cc_order)
 
@@ -129,7 +147,16 @@ def retrain(
         kinds = [g.strip() for g in groups.split(",") if g.strip()]
         parts["group_lasso"] = _config(GroupLassoConfig, dict(lam=group_lasso, groups=kinds, remove_below=remove_below),
                                        {"lam": "--group-lasso", "groups": "--groups", "remove_below": "--remove-below"})
-    if teacher is not None:
+    if data_free:
+        from dcomp.cli.distill import _floats
+        from dcomp.compressors.dafl import DataFreeConfig
+
+        parts["dafl"] = _config(DataFreeConfig, dict(teacher=teacher, iterations=iterations, generator_width=generator_width,
+                                                     lr_g=lr_g, input_mean=_floats(input_mean, "--input-mean"),
+                                                     input_std=_floats(input_std, "--input-std"), generator=generator),
+                                {"iterations": "--iterations", "generator_width": "--generator-width", "lr_g": "--lr-g",
+                                 "input_mean": "--input-mean", "input_std": "--input-std"})
+    elif teacher is not None:
         parts["distill"] = _config(DistillConfig, dict(teacher=teacher, temperature=kd_temperature, alpha=kd_alpha,
                                                        cc_weight=cc_weight, cc_gamma=cc_gamma, cc_order=cc_order),
                                    {"temperature": "--kd-temperature", "alpha": "--kd-alpha", "cc_weight": "--cc-weight",
@@ -143,17 +170,28 @@ def retrain(
     ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
     if teacher_ckpt is not None:
         check_teacher(teacher_ckpt, ckpt, f"--teacher {teacher}")
-    ds = common.dataset_for(ckpt, data, resize)
+    if data_free:  # only the test split, and only when --data names it
+        from dcomp.compressors.dafl import TestSplitOnly
+
+        ds = TestSplitOnly(common.dataset_for(ckpt, data, resize)) if data is not None else None
+        progress = None  # apply_retrain shows the data-free progress
+    else:
+        ds = common.dataset_for(ckpt, data, resize)
+        progress = TrainProgress(common.console(), "retrain")
     ctx = StageContext(data=ds, console=common.console(), seed=common.state.seed, trust_pickle=trust)
-    res = apply_retrain(ckpt, cfg, ctx, progress=TrainProgress(common.console(), "retrain"), teacher_ckpt=teacher_ckpt)
+    res = apply_retrain(ckpt, cfg, ctx, progress=progress, teacher_ckpt=teacher_ckpt)
     m = res.metrics
     dest = sink.write(res.checkpoint.to_bytes())
-    rows = {"test top-1 % before": m["top1_before"]}
+    if "top1_before" not in m:
+        rows = {"test top-1": "not measured (give --data for the real test split)"}
+    else:
+        rows = {"test top-1 % before": m["top1_before"]}
     if "top1_before_removal" in m:
         rows["test top-1 % before removal"] = m["top1_before_removal"]
         rows["units removed"] = ", ".join(f"{k}: {v}" for k, v in m["units_removed"].items()) or "none"
-    rows.update({"test top-1 % after": m["top1_after"],
-                 "non-zero / params": f"{m['nonzero']:,} / {m['params']:,} (sparsity {m['sparsity']:.2%})"})
+    if "top1_after" in m:
+        rows["test top-1 % after"] = m["top1_after"]
+    rows.update({"non-zero / params": f"{m['nonzero']:,} / {m['params']:,} (sparsity {m['sparsity']:.2%})"})
     if cfg.mask_method():
         rows["method"] = method or schedule
     if "dns_spliced" in m:

@@ -73,3 +73,47 @@ def human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+class DAFLProgress(TrainProgress):
+    """Data-free distillation: the generator's and the student's losses, the student's agreement
+    with the teacher on generated batches, and (when real test data is given) the student's
+    test top-1 after every epoch. ``dafl`` is the ``dcomp.compressors.dafl.DAFL`` callback."""
+
+    def __init__(self, console: Console, label: str, dafl):
+        super().__init__(console, label)
+        self.dafl = dafl
+        self._test = ""
+
+    def start(self, epochs: int, steps_per_epoch: int) -> None:
+        self._epochs = epochs
+        if self.console.quiet or not self.console.is_terminal:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("G {task.fields[loss_g]:.3f}  S {task.fields[loss_s]:.4f}  agree {task.fields[acc]:.1f}%"
+                       "{task.fields[test]}"), TimeElapsedColumn(),
+            console=self.console, transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(f"{self.label} epoch 1/{epochs}", total=epochs * steps_per_epoch,
+                                             loss_g=0.0, loss_s=0.0, acc=0.0, test="")
+
+    def advance(self, loss: float, acc: float) -> None:
+        if self._progress is not None:
+            last = self.dafl.last
+            self._progress.update(self._task, advance=1, loss_g=last.get("loss_g", 0.0),
+                                  loss_s=last.get("loss_s", 0.0), acc=acc, test=self._test)
+
+    def epoch_done(self, rec: dict) -> None:
+        h = self.dafl.history[-1] if self.dafl.history else {}
+        if "test_top1" in h:
+            self._test = f"  test {h['test_top1']:.2f}%"
+        line = (f"{self.label} epoch {rec['epoch']}/{self._epochs}: G {h.get('loss_g', 0.0):.3f} "
+                f"(oh {h.get('oh', 0.0):.3f} ie {h.get('ie', 0.0):.3f} a {h.get('a', 0.0):.3f})  "
+                f"S {h.get('loss_s', 0.0):.4f}  agree {rec['train_top1']:.2f}%{self._test}")
+        if self._progress is not None:
+            self._progress.update(self._task, test=self._test,
+                                  description=f"{self.label} epoch {min(rec['epoch'] + 1, self._epochs)}/{self._epochs}")
+        else:
+            self.console.print(line)
