@@ -151,13 +151,14 @@ def global_options(
 
 
 def _register() -> None:
-    from dcomp.cli import bench, export, info, pack, prune, quantize, recipe, retrain, run, train, zoo
+    from dcomp.cli import bench, export, info, pack, plot, prune, quantize, recipe, retrain, run, sweep, train, zoo
     from dcomp.cli import eval as eval_cmd
 
     commands = [("train", train.train), ("eval", eval_cmd.eval_), ("info", info.info), ("zoo", zoo.zoo),
                 ("prune", prune.prune), ("retrain", retrain.retrain), ("quantize", quantize.quantize),
                 ("pack", pack.pack), ("unpack", pack.unpack), ("inspect", pack.inspect),
-                ("export", export.export), ("bench", bench.bench), ("run", run.run)]
+                ("export", export.export), ("bench", bench.bench), ("run", run.run),
+                ("sweep", sweep.sweep), ("plot", plot.plot)]
     for name, fn in commands:  # help: the function's docstring, else its module's
         app.command(name, help=fn.__doc__ or sys.modules[fn.__module__].__doc__)(fn)
     app.add_typer(recipe.recipe_app, name="recipe")
