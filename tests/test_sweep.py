@@ -174,3 +174,110 @@ def test_choose_budget_respects_the_bound_and_maximises_removed_weights():
         assert res["weights_removed"] == best[0]
     # bumpy's recovery at 0.8 does not hide the drop at 0.5
     assert choose_budget(doc, "magnitude", 0.5)["sparsity"]["bumpy"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def lenet_sweep(tmp_path_factory, lenet_ckpt):
+    """A per-layer magnitude sweep of the shared LeNet, written by the CLI."""
+    from typer.testing import CliRunner
+
+    from dcomp.cli.app import app
+
+    d = tmp_path_factory.mktemp("sweep")
+    lenet_ckpt.save(d / "base.pt")
+    r = CliRunner().invoke(app, ["sweep", str(d / "base.pt"), "--data", "digits", "-m", "magnitude", "-m", "neuron",
+                                 "--grid", "0,0.3,0.5,0.7,0.8,0.9,0.95", "-o", str(d / "s.json"), "--no-plot"])
+    assert r.exit_code == 0, r.output
+    return d
+
+
+@pytest.mark.parametrize("method, bound", [("magnitude", 1.0), ("magnitude", 0.0), ("neuron", 2.0)])
+def test_prune_max_drop_respects_its_bound(cli, lenet_sweep, tmp_path, method, bound):
+    from dcomp.compressors.sensitivity import choose_budget, read_sweep
+
+    doc = read_sweep(str(lenet_sweep / "s.json"))
+    r = cli("prune", lenet_sweep / "base.pt", "--max-drop", bound, "--sweep", lenet_sweep / "s.json", "-m", method,
+            "--data", "digits", "-o", tmp_path / "p.pt", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    b = res["budget"]
+    assert res["top1_before"] - res["top1_after"] <= bound + 1e-9   # on the sweep's split (test)
+    assert b["measured_drop"] <= bound + 1e-9 and b["predicted_drop"] <= bound + 1e-9
+    if len(b["attempts"]) == 1 and b["sparsity"]:  # accepted at once: the knapsack's own choice
+        assert b["sparsity"] == choose_budget(doc, method, bound)["sparsity"]
+    for a in b["attempts"][:-1]:  # every rejected attempt was over the bound
+        assert a["measured_drop"] > bound
+    if method == "magnitude":
+        got = {row["layer"].removesuffix(".weight"): row["sparsity"] for row in res["layers"]}
+        assert all(abs(got[k] - v) < 1e-3 for k, v in b["sparsity"].items())
+    if bound >= 1.0:
+        assert res["overall"]["pruned" if method == "magnitude" else "params_before"] > 0
+        assert any(v > 0 for v in b["sparsity"].values())
+
+
+def test_prune_max_drop_backs_off_when_the_layers_add_up(cli, lenet_sweep, tmp_path):
+    """Curves that promise no loss at 95% everywhere: the combined prune loses far more, so the
+    choice backs off (lower sparsities) until the measured drop is within the bound."""
+    doc = json.loads((lenet_sweep / "s.json").read_text())
+    base = doc["baseline_top1"]
+    for p in doc["points"]:
+        p["top1"] = base
+    (tmp_path / "liar.json").write_text(json.dumps(doc))
+    r = cli("prune", lenet_sweep / "base.pt", "--max-drop", "0.5", "--sweep", tmp_path / "liar.json",
+            "--data", "digits", "-o", tmp_path / "p.pt", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    b = res["budget"]
+    assert len(b["attempts"]) > 1 and b["attempts"][0]["measured_drop"] > 0.5
+    assert b["measured_drop"] <= 0.5 and res["top1_before"] - res["top1_after"] <= 0.5
+    highest = [max(a["sparsity"].values()) for a in b["attempts"]]
+    assert highest[-1] < highest[0] == 0.95
+
+
+@pytest.mark.parametrize("extra, words", [
+    (("--max-drop", "1", "-s", "0.5"), "leave out --sparsity"),
+    (("--max-drop", "1", "-m", "global"), "magnitude, neuron or filter"),
+    (("--sweep", "x.json", "-s", "0.5"), "give --max-drop"),
+    (("--max-drop", "1", "--sweep", "missing.json"), "no such file"),
+])
+def test_prune_max_drop_bad_input(cli, lenet_sweep, tmp_path, extra, words):
+    r = cli("prune", lenet_sweep / "base.pt", *extra, "--data", "digits", "-o", tmp_path / "p.pt")
+    assert r.exit_code == 2, r.output
+    assert words in one_error_line(r)
+    assert not (tmp_path / "p.pt").exists()
+
+
+def test_prune_max_drop_refuses_a_sweep_of_another_model(cli, lenet_sweep, tmp_path, lenet_ckpt):
+    other = lenet_ckpt.copy()
+    other.state_dict["fc3.bias"] = other.state_dict["fc3.bias"] + 1.0
+    other.save(tmp_path / "other.pt")
+    r = cli("prune", tmp_path / "other.pt", "--max-drop", "1", "--sweep", lenet_sweep / "s.json", "--data", "digits",
+            "-o", tmp_path / "p.pt")
+    assert r.exit_code == 2 and "another model" in one_error_line(r)
+
+
+def test_recipe_sweep_stage_feeds_prune_and_resumes(cli, lenet_sweep, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("""name: budget
+defaults: {data: digits}
+stages:
+  - stage: sweep
+    methods: [magnitude]
+    whole: false
+    grid: [0, 0.5, 0.8, 0.9]
+  - stage: prune
+    method: magnitude
+    max_drop: 1.0
+""")
+    r = cli("run", recipe, "-m", lenet_sweep / "base.pt", "-o", tmp_path / "out.pt", "--json")
+    assert r.exit_code == 0, r.output
+    stages = json.loads(r.stdout)["stages"]
+    assert stages[1]["metrics"]["budget"]["sweep"] == "given"
+    chosen = stages[1]["metrics"]["budget"]["sparsity"]
+    assert set(chosen) == {"fc1", "fc2", "fc3"} and set(chosen.values()) <= {0.0, 0.5, 0.8, 0.9}
+    # change the bound: the sweep is resumed from the log, prune reruns with its curves
+    r = cli("run", recipe, "-m", lenet_sweep / "base.pt", "-o", tmp_path / "out.pt", "--set", "stages.1.max_drop=3", "--json")
+    assert r.exit_code == 0, r.output
+    stages = json.loads(r.stdout)["stages"]
+    assert stages[0]["resumed"] and not stages[1]["resumed"]
+    assert stages[1]["metrics"]["budget"]["sweep"] == "given"

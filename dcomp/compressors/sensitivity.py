@@ -351,11 +351,13 @@ def summarize(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 # ---- budgets from the curves --------------------------------------------------------------------------
 
-def choose_budget(doc: dict[str, Any], method: str, max_drop: float, resolution: float = 0.01) -> dict[str, Any]:
+def choose_budget(doc: dict[str, Any], method: str, max_drop: float, resolution: float = 0.01,
+                  caps: dict[str, float] | None = None) -> dict[str, Any]:
     """Per-layer sparsities that remove the most weights while the per-layer drops (each layer's
     curve, made non-increasing in accuracy, measured with the others dense) sum to at most
     ``max_drop`` points. Exact for that additive model: a multiple-choice knapsack solved by
     dynamic programming over the drop budget in steps of ``resolution`` points (drops rounded up).
+    ``caps``: layer -> a sparsity that layer must stay below.
     Returns {"sparsity": {layer: s}, "predicted_drop": d, "weights_removed": n}."""
     base = baseline(doc)
     per_layer = {scope: c for (m, scope), c in curves(doc).items() if m == method and scope != "*"}
@@ -373,7 +375,7 @@ def choose_budget(doc: dict[str, Any], method: str, max_drop: float, resolution:
         worst, opts = 0.0, [(0.0, 0, 0)]
         for s, a in c:
             worst = max(worst, base - a)  # conservative: a drop once seen counts at every higher sparsity
-            if s == 0.0:
+            if s == 0.0 or (caps and layer in caps and s >= caps[layer]):
                 continue
             cost = int(-(-max(worst, 0.0) // resolution)) if worst > 0 else 0
             if cost <= units:
@@ -416,3 +418,69 @@ def read_sweep(path: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or "points" not in doc or doc.get("version") != SWEEP_VERSION:
         raise UsageError(f"--sweep {path}: not a sweep JSON of version {SWEEP_VERSION} (written by dcomp sweep)")
     return doc
+
+
+# ---- prune --max-drop --------------------------------------------------------------------------------
+
+def resolve_max_drop(ckpt: Checkpoint, cfg, ctx: StageContext, sweep: dict[str, Any] | None = None,
+                     tries: int = 20, shrink: float = 0.8):
+    """Turn ``PruneConfig(max_drop=D)`` into per-layer sparsities: choose them from the per-layer
+    curves of a sweep (``sweep``, else the file ``cfg.sweep``, else a sweep measured now with the
+    others dense) with ``choose_budget``, then prune all of them at once and measure the real drop
+    on the sweep's split. Drops of layers pruned together can add up to more than the sum of the
+    drops measured one by one: while the measured drop exceeds D, the budget given to
+    ``choose_budget`` shrinks (x``shrink``) and the layer chosen at the highest sparsity must stay
+    below it, so every retry removes options; after ``tries`` retries every layer stays dense.
+    Returns (the PruneConfig to run, or None when nothing is pruned, and the budget report)."""
+    from dcomp.compressors.pruning import _recalibrate, apply_prune
+    from dcomp.retrain import accuracy
+
+    if ctx.data is None:
+        raise UsageError("--max-drop measures accuracy: give --data")
+    trust = ctx.trust_pickle
+    source = "given"
+    if sweep is None and cfg.sweep is not None:
+        sweep, source = read_sweep(cfg.sweep), cfg.sweep
+    digest = model_digest(ckpt)
+    if sweep is not None and sweep.get("model_digest") not in (None, digest):
+        raise UsageError("the sweep was measured on another model (its model digest differs): sweep this very "
+                         "model (dcomp sweep MODEL; in a recipe, put the sweep stage right before prune) or leave out --sweep")
+    if sweep is not None and not any(p["method"] == cfg.method and p["scope"] != "*" for p in sweep["points"]):
+        sweep = None if source == "given" else sweep  # a recipe's sweep without this method: measure now
+    if sweep is None:
+        source = "measured now"
+        sweep = apply_sweep(ckpt, SweepConfig(methods=[cfg.method], whole=False, per_layer=True),
+                            StageContext(data=ctx.data, seed=ctx.seed, trust_pickle=trust)).metrics
+    data = eval_dataset(ctx.data, sweep.get("split", "test"))
+    excluded = [re.compile(rx) for rx in cfg.exclude]
+    if excluded:  # excluded layers stay dense: drop their curves
+        keep = [p for p in sweep["points"] if p["scope"] == "*" or not any(rx.search(p["scope"]) for rx in excluded)]
+        sweep = {**sweep, "points": keep}
+    base = accuracy(ckpt, data, trust)
+    report: dict[str, Any] = {"max_drop": cfg.max_drop, "sweep": source, "split": sweep.get("split", "test"),
+                              "top1_dense": base, "attempts": []}
+    budget = float(cfg.max_drop)
+    caps: dict[str, float] = {}
+    for _ in range(tries):
+        choice = choose_budget(sweep, cfg.method, budget, caps=caps)
+        sp = {k: v for k, v in choice["sparsity"].items() if v > 0}
+        attempt = {"budget": budget, "sparsity": choice["sparsity"], "predicted_drop": choice["predicted_drop"]}
+        report["attempts"].append(attempt)
+        if not sp:
+            break
+        layers = {f"^{re.escape(k)}$": v for k, v in choice["sparsity"].items()}
+        run = cfg.model_copy(update={"sparsity": 0.0, "layers": layers, "min_weights": 0})
+        one_shot = run.model_copy(update={"rounds": 1, "retrain": None, "max_drop": None, "sweep": None})
+        out = apply_prune(ckpt, one_shot, StageContext(seed=ctx.seed, trust_pickle=trust)).checkpoint
+        if one_shot.recalibrate_bn:
+            out = _recalibrate(out, data, one_shot.recalibrate_samples, trust) or out
+        attempt["measured_drop"] = drop = base - accuracy(out, data, trust)
+        if drop <= cfg.max_drop + 1e-9:
+            report.update(sparsity=choice["sparsity"], predicted_drop=choice["predicted_drop"], measured_drop=drop)
+            return run, report
+        budget *= shrink
+        top = max(sp, key=lambda k: (sp[k], k))
+        caps[top] = sp[top]
+    report.update(sparsity={}, predicted_drop=0.0, measured_drop=0.0,
+                  note="no combination within the bound: every layer left dense")
+    return None, report
