@@ -2,7 +2,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean sweep-demo
 
 # Re-install only when the project's install files change.
 $(STAMP): pyproject.toml constraints.txt
@@ -20,8 +20,12 @@ demo: install
 bench: install
 	$(PYTHON) benchmarks/run_all.py
 
+# LeNet-300-100's degradation curves (weight vs unit pruning) on digits and MNIST-10k -> docs/bench/sweep.md
+sweep-demo: install
+	$(PYTHON) benchmarks/sweep_demo.py
+
 lint: install
 	$(PYTHON) -m compileall -q dcomp tests benchmarks
 
 clean:
-	rm -rf $(STAMP) build *.egg-info .pytest_cache demo-out
+	rm -rf $(STAMP) build *.egg-info .pytest_cache demo-out sweep-demo-out

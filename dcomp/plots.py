@@ -164,7 +164,7 @@ def weights_figure(ckpt, path: str | Path, before=None, fmt: str | None = None, 
         ax.set_xlabel("weight value", fontsize=7)
         ax.set_ylabel("count", fontsize=7)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper right")
     return save(fig, path, fmt)
 
 
