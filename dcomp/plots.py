@@ -119,7 +119,9 @@ def sweep_figure(doc: dict[str, Any], path: str | Path, fmt: str | None = None) 
         ax.grid(alpha=0.3)
     if axes:
         axes[0].legend(fontsize=6, loc="lower left")
-    fig.suptitle(f"sensitivity sweep on {doc.get('data')}", fontsize=10)
+    data = str(doc.get("data"))
+    kind, sep, rest = data.partition(":")
+    fig.suptitle(f"sweep on {kind + sep + Path(rest).name if sep else data}", fontsize=9)
     return save(fig, path, fmt)
 
 

@@ -429,8 +429,9 @@ def resolve_max_drop(ckpt: Checkpoint, cfg, ctx: StageContext, sweep: dict[str, 
     others dense) with ``choose_budget``, then prune all of them at once and measure the real drop
     on the sweep's split. Drops of layers pruned together can add up to more than the sum of the
     drops measured one by one: while the measured drop exceeds D, the budget given to
-    ``choose_budget`` shrinks (x``shrink``) and the layer chosen at the highest sparsity must stay
-    below it, so every retry removes options; after ``tries`` retries every layer stays dense.
+    ``choose_budget`` shrinks (x``shrink``); when that gives a choice already rejected, the layer
+    chosen at the highest sparsity must stay below it, so every retry is a new choice; after
+    ``tries`` attempts every layer stays dense.
     Returns (the PruneConfig to run, or None when nothing is pruned, and the budget report)."""
     from dcomp.compressors.pruning import _recalibrate, apply_prune
     from dcomp.retrain import accuracy
@@ -461,8 +462,16 @@ def resolve_max_drop(ckpt: Checkpoint, cfg, ctx: StageContext, sweep: dict[str, 
                               "top1_dense": base, "attempts": []}
     budget = float(cfg.max_drop)
     caps: dict[str, float] = {}
+    failed: list[dict[str, float]] = []
     for _ in range(tries):
         choice = choose_budget(sweep, cfg.method, budget, caps=caps)
+        while choice["sparsity"] in failed:  # a smaller budget chose the same again: forbid its highest sparsity
+            sp = {k: v for k, v in choice["sparsity"].items() if v > 0}
+            if not sp:
+                break
+            top = max(sp, key=lambda k: (sp[k], k))
+            caps[top] = sp[top]
+            choice = choose_budget(sweep, cfg.method, budget, caps=caps)
         sp = {k: v for k, v in choice["sparsity"].items() if v > 0}
         attempt = {"budget": budget, "sparsity": choice["sparsity"], "predicted_drop": choice["predicted_drop"]}
         report["attempts"].append(attempt)
@@ -478,9 +487,8 @@ def resolve_max_drop(ckpt: Checkpoint, cfg, ctx: StageContext, sweep: dict[str, 
         if drop <= cfg.max_drop + 1e-9:
             report.update(sparsity=choice["sparsity"], predicted_drop=choice["predicted_drop"], measured_drop=drop)
             return run, report
+        failed.append(choice["sparsity"])
         budget *= shrink
-        top = max(sp, key=lambda k: (sp[k], k))
-        caps[top] = sp[top]
     report.update(sparsity={}, predicted_drop=0.0, measured_drop=0.0,
                   note="no combination within the bound: every layer left dense")
     return None, report
