@@ -80,8 +80,9 @@ stages:
 def test_run_target_size_lands_within_5_percent(cli, lenet_path, tmp_path, monkeypatch):
     from dcomp.compressors import size_target
 
-    monkeypatch.setattr(size_target, "SIZE_GRID", (0.8, 0.9, 0.95, 0.98))
+    monkeypatch.setattr(size_target, "SIZE_GRID", (0.85, 0.95, 0.98))
     monkeypatch.setattr(size_target, "BITS", (4, 5))
+    monkeypatch.setattr(size_target, "SENSITIVITY_GRID", (0.0, 0.5, 0.8, 0.9, 0.95))
     (tmp_path / "r.yaml").write_text(RECIPE)
     r = cli("run", tmp_path / "r.yaml", "-m", lenet_path, "-o", tmp_path / "m.dcz", "--target-size", "9KB", "--json")
     assert r.exit_code == 0, r.output

@@ -35,6 +35,7 @@ from dcomp.stages import StageContext
 UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2, "gb": 1000 ** 3, "gib": 1024 ** 3}
 SIZE_GRID = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 BITS = (3, 4, 5, 6, 8)
+SENSITIVITY_GRID = None  # the sweep's grid (None: sensitivity.DEFAULT_GRID)
 
 
 def parse_size(text: str) -> int:
@@ -277,7 +278,8 @@ def run_for_size(recipe, target: tuple[str, float], inp, workdir, ctx: StageCont
     say(f"target {target_bytes:,} bytes: measuring the packed bytes per layer at {len(SIZE_GRID)} sparsities x {len(BITS)} bit widths")
     model = measure_size_model(ckpt, qcfg, pcfg, trust, grid=SIZE_GRID, bits=BITS)
     say("measuring each layer's sensitivity to pruning and to quantization (one-shot, the others dense)")
-    sweep = apply_sweep(ckpt, SweepConfig(methods=["magnitude"], whole=False),
+    grid = {"grid": list(SENSITIVITY_GRID)} if SENSITIVITY_GRID else {}
+    sweep = apply_sweep(ckpt, SweepConfig(methods=["magnitude"], whole=False, **grid),
                         StageContext(data=ctx.data, seed=ctx.seed, trust_pickle=trust)).metrics
     qd = quant_drops(ckpt, ctx.data, qcfg, list(model.numel), bits=BITS, trust=trust)
     history = []
