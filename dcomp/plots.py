@@ -154,14 +154,15 @@ def weights_figure(ckpt, path: str | Path, before=None, fmt: str | None = None, 
             b = before.state_dict[n].detach().float().reshape(-1).numpy()
             lo, hi = min(lo, float(b.min())), max(hi, float(b.max()))
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
-        if b is not None:
-            ax.hist(b, bins=edges, color="#bbbbbb", label=f"before ({b.size:,})")
-        ax.hist(kept, bins=edges, color=COLORS[0], alpha=0.8, label=f"remaining ({kept.size:,})")
+        if b is not None:  # stairs, not hist: one artist instead of one patch per bin
+            ax.stairs(np.histogram(b, bins=edges)[0], edges, fill=True, color="#bbbbbb", label=f"before ({b.size:,})")
+        ax.stairs(np.histogram(kept, bins=edges)[0], edges, fill=True, color=COLORS[0], alpha=0.8,
+                  label=f"remaining ({kept.size:,})")
         q = ckpt.quant.get(n) if ckpt.quant else None
         if q is not None:
             cb = q["codebook"].float().numpy()
-            for j, c in enumerate(cb):
-                ax.axvline(c, color=COLORS[1], lw=0.6, alpha=0.8, label=f"{len(cb)} centroids ({q['bits']} bits)" if j == 0 else None)
+            ax.vlines(cb, 0, 1, transform=ax.get_xaxis_transform(), color=COLORS[1], lw=0.6, alpha=0.8,
+                      label=f"{len(cb)} centroids ({q['bits']} bits)")
         ax.set_title(f"{n} {'x'.join(map(str, w.shape))}", fontsize=9)
         ax.set_xlabel("weight value", fontsize=7)
         ax.set_ylabel("count", fontsize=7)
@@ -224,7 +225,7 @@ def streams_figure(data: bytes, path: str | Path, fmt: str | None = None, source
     for ax, (name, kind, s) in zip(axes, panels):
         counts = s["counts"]
         x = np.arange(len(counts))
-        ax.bar(x, counts, width=1.0, color=COLORS[0] if kind == "gaps" else COLORS[2])
+        ax.stairs(counts, np.arange(len(counts) + 1) - 0.5, fill=True, color=COLORS[0] if kind == "gaps" else COLORS[2])
         ax.set_yscale("symlog", linthresh=1)
         ax.set_title(f"{name}: {'relative-index gaps' if kind == 'gaps' else 'codebook indices'}", fontsize=9)
         ax.set_xlabel("gap symbol (last = filler)" if kind == "gaps" else "codebook index", fontsize=7)
