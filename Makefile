@@ -2,7 +2,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install test demo bench lint clean fuzz
+.PHONY: install test demo bench lint clean fuzz sweep-demo
 
 # Re-install only when the project's install files change.
 $(STAMP): pyproject.toml constraints.txt
@@ -25,8 +25,12 @@ fuzz: install
 	$(PIP) install --quiet --disable-pip-version-check "atheris>=2"
 	$(shell command -v taskset >/dev/null && echo taskset -c 0) $(PYTHON) tests/fuzzing/run.py
 
+# LeNet-300-100's degradation curves (weight vs unit pruning) on digits and MNIST-10k -> docs/bench/sweep.md
+sweep-demo: install
+	$(PYTHON) benchmarks/sweep_demo.py
+
 lint: install
 	$(PYTHON) -m compileall -q dcomp tests benchmarks
 
 clean:
-	rm -rf $(STAMP) build *.egg-info .pytest_cache demo-out
+	rm -rf $(STAMP) build *.egg-info .pytest_cache demo-out sweep-demo-out

@@ -140,6 +140,8 @@ STAGES: dict[str, StageSpec] = {
                        "onnxruntime latency/throughput/size of the result beside the input model"),
     "factorize": StageSpec(_lazy("dcomp.compressors.lowrank:FactorizeConfig"), "checkpoint",
                            "low-rank factorization (truncated SVD) of Linear/Conv2d layers into two layers"),
+    "sweep": StageSpec(_lazy("dcomp.compressors.sensitivity:SweepConfig"), "metrics",
+                       "accuracy vs sparsity per method and layer; a later prune with max_drop chooses from it"),
 }
 
 
@@ -492,6 +494,7 @@ class RunState:
     input_bytes: bytes
     current: Checkpoint
     packed: bytes | None = None
+    sweep: dict[str, Any] | None = None   # the last sweep stage's document (prune max_drop reads it)
 
 
 def run_recipe(recipe: Recipe, model_bytes: bytes, source: str, workdir: Path, ctx: StageContext,
@@ -561,6 +564,8 @@ def _restore(workdir: Path, prev: dict[str, Any], spec: StageSpec, state: RunSta
     """Load a finished stage's output back into ``state``; False if it is missing or altered."""
     name = prev.get("output")
     if spec.produces == "metrics":
+        if prev.get("stage") == "sweep":
+            state.sweep = prev.get("metrics")
         return True
     if not name:
         return False
@@ -594,8 +599,16 @@ def _plain_metrics(m: dict[str, Any]) -> dict[str, Any]:
 def _run_prune(ckpt, s, ctx, state):
     from dcomp.compressors.pruning import apply_prune
 
-    r: StageResult = apply_prune(ckpt, s.config, ctx)
+    r: StageResult = apply_prune(ckpt, s.config, ctx, sweep=state.sweep)
     return r.checkpoint, None, r.metrics
+
+
+def _run_sweep(ckpt, s, ctx, state):
+    from dcomp.compressors.sensitivity import apply_sweep
+
+    r = apply_sweep(ckpt, s.config, ctx)
+    state.sweep = r.metrics
+    return None, None, r.metrics
 
 
 def _run_retrain(ckpt, s, ctx, state):
@@ -711,4 +724,5 @@ RUNNERS: dict[str, StageRunner] = {
     "finetune": _run_finetune,
     "eval": _run_eval,
     "factorize": _run_factorize,
+    "sweep": _run_sweep,
 }

@@ -14,6 +14,13 @@ Examples:
   dcomp prune model.pt --method nm --nm 2:4 -o sparse24.pt
   dcomp prune model.pt --method filter --sparsity 0.5 --data digits -o thin.pt
   dcomp prune model.pt --sparsity 0.9 --rounds 5 --schedule cubic --epochs-per-round 6 --lr 0.05 --data digits -o pruned.pt
+  dcomp prune model.pt --max-drop 1 --data digits -o pruned.pt           # per-layer sparsities from a sweep
+  dcomp prune model.pt --max-drop 1 --sweep sweep.json --data digits -o pruned.pt
+
+--max-drop POINTS chooses each layer's sparsity from the per-layer curves of a sensitivity sweep
+(--sweep FILE from 'dcomp sweep', else one measured now on the test split): the most weights
+removed while the per-layer drops add up to at most POINTS; then it prunes them together, measures
+the real drop on the sweep's split, and shrinks the budget while the drop exceeds POINTS.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ def prune(
     epochs_per_round: Annotated[int, typer.Option("--epochs-per-round", min=0, help="retraining epochs after each round (needs data)")] = 0,
     schedule: Annotated[str, typer.Option("--schedule", help="sparsity over rounds: linear (s*i/N) or cubic")] = "linear",
     recalibrate_bn: Annotated[bool, typer.Option("--recalibrate-bn/--no-recalibrate-bn", help="with --data: re-estimate BatchNorm statistics after pruning")] = True,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", min=0.0, help="choose per-layer sparsities from a sweep: lose at most POINTS of top-1 before retraining, removing the most weights")] = None,
+    sweep: Annotated[Optional[str], typer.Option("--sweep", help="with --max-drop: a sweep JSON from dcomp sweep (default: sweep now)")] = None,
     data: DataOpt = None,
     resize: ResizeOpt = None,
     arch: ArchOpt = None,
@@ -65,14 +74,14 @@ def prune(
     try:
         cfg = PruneConfig(method=method, sparsity=sparsity, quality=quality, nm=nm, layers=overrides,
                           exclude=list(exclude or []), min_weights=min_weights, rounds=rounds, schedule=schedule,
-                          retrain=retrain_cfg, recalibrate_bn=recalibrate_bn)
+                          retrain=retrain_cfg, recalibrate_bn=recalibrate_bn, max_drop=max_drop, sweep=sweep)
     except ValidationError as e:
         raise UsageError(config_error(e)) from None
 
     inp = common.read_input(model)
     sink = common.plan_output(output, inp)
     ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
-    ds = common.dataset_for(ckpt, data, resize) if (data is not None or retrain_cfg is not None) else None
+    ds = common.dataset_for(ckpt, data, resize) if (data is not None or retrain_cfg is not None or max_drop is not None) else None
     con = common.console()
     result = apply_prune(ckpt, cfg, StageContext(data=ds, console=con, seed=common.state.seed,
                                                  trust_pickle=common.state.trust_pickle))
@@ -102,7 +111,8 @@ def render(c, metrics: dict, dest: str) -> None:
         if "conv_ratio" in o:
             overall["conv weights"] = f"{o['conv_weights_before']:,} -> {o['conv_weights_after']:,} ({o['conv_ratio']:.1%})"
     else:
-        t = Table(title=f"pruned ({metrics['method']}, target {metrics['target']})", title_justify="left")
+        target = "per layer from --max-drop" if metrics.get("budget") else f"target {metrics['target']}"
+        t = Table(title=f"pruned ({metrics['method']}, {target})", title_justify="left")
         for col in ("layer", "shape", "weights", "pruned", "sparsity", "note"):
             t.add_column(col, justify="right" if col in ("weights", "pruned", "sparsity") else "left", overflow="fold")
         for r in rows:
@@ -116,6 +126,10 @@ def render(c, metrics: dict, dest: str) -> None:
         overall["test top-1 % before"] = metrics["top1_before"]
         overall["test top-1 % after"] = metrics["top1_after"]
     overall["output"] = dest
+    b = metrics.get("budget")
+    if b:
+        overall["--max-drop"] = (f"{b['max_drop']:g} points: predicted {b['predicted_drop']:.2f}, measured "
+                                 f"{b['measured_drop']:.2f} on {b['split']} ({len(b['attempts'])} attempt(s), sweep {b['sweep']})")
     c.print(kv_table("overall", overall))
     hist = metrics.get("history") or []
     if len(hist) > 1:

@@ -27,6 +27,8 @@ def run(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="ignore finished stages in the work directory and run all")] = False,
+    target_size: Annotated[Optional[str], typer.Option("--target-size", help="choose per-layer sparsity and bits so the .dcz is this big: 8KB (1000 bytes), 8KiB, 9000")] = None,
+    target_ratio: Annotated[Optional[str], typer.Option("--target-ratio", help="as --target-size, as a ratio to the dense float32 weights: 60x")] = None,
 ):
     from dcomp.data import load_dataset
     from dcomp.recipe import load_recipe, run_recipe
@@ -38,6 +40,14 @@ def run(
             raise common.UsageError("give the model once: --model (-m is its old spelling)")
         model = model_m
     rec = load_recipe(recipe, set_ or [])  # everything validated before any work
+    target = None
+    if target_size is not None or target_ratio is not None:
+        from dcomp.compressors.size_target import check_recipe, parse_ratio, parse_size
+
+        if target_size is not None and target_ratio is not None:
+            raise common.UsageError("give --target-size or --target-ratio, not both")
+        target = ("size", parse_size(target_size)) if target_size is not None else ("ratio", parse_ratio(target_ratio))
+        check_recipe(rec)  # the recipe has the stages a target needs (raises otherwise)
     inp = common.read_input(model)
     if output and output.endswith(".dcz") and not rec.packs:
         raise common.UsageError(f"-o {output}: the recipe has no 'pack' stage, so its result is a checkpoint, not a .dcz")
@@ -62,7 +72,13 @@ def run(
         what = "resumed (unchanged, output intact)" if resumed else "running"
         con.print(f"[bold]stage {s.index} {s.kind}[/] {what}" + (f" — {s.note}" if s.note and not resumed else ""))
 
-    state, records = run_recipe(rec, inp.data, inp.source, work, ctx, load, on_stage, fresh=fresh, settings=settings)
+    target_info = None
+    if target is not None:
+        from dcomp.compressors.size_target import run_for_size
+
+        state, records, target_info = run_for_size(rec, target, inp, work, ctx, load, on_stage, fresh, settings)
+    else:
+        state, records = run_recipe(rec, inp.data, inp.source, work, ctx, load, on_stage, fresh=fresh, settings=settings)
 
     from dcomp.formats.checkpoint import read_checkpoint
 
@@ -87,6 +103,8 @@ def run(
     bench = next((r.metrics for r in reversed(records) if r.stage == "bench"), None)
     if bench:
         summary["bench"] = bench
+    if target_info is not None:
+        summary["target"] = target_info
 
     def human(c):
         t = Table(title=f"recipe {rec.name}: stages", title_justify="left")
@@ -104,6 +122,11 @@ def run(
                 "work directory": str(work)}
         if bench and "headline" in bench:
             rows["speed"] = bench["headline"]
+        if target_info is not None:
+            rows["target size"] = (f"{target_info['target_bytes']:,} bytes asked, {target_info['reached_bytes']:,} reached "
+                                   f"({target_info['error']:+.1%}, {len(target_info['runs'])} run(s))")
+            rows["chosen per layer"] = ", ".join(f"{n.removesuffix('.weight')} {s:.2%} / {b} bits"
+                                                 for n, (s, b) in target_info["plan"].items())
         c.print(kv_table("summary", rows))
 
     common.emit(summary, human)

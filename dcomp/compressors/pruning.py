@@ -62,6 +62,10 @@ class PruneConfig(BaseModel):
     retrain: TrainConfig | None = Field(None, description="retraining after each round (epochs per round)")
     recalibrate_bn: bool = Field(True, description="with data: re-estimate BatchNorm statistics after each pruning step")
     recalibrate_samples: int = Field(2048, ge=2, description="training samples used for the BatchNorm re-estimate")
+    max_drop: float | None = Field(None, ge=0, description="choose per-layer sparsities from a sensitivity sweep so the "
+                                   "model loses at most this many top-1 points before retraining (magnitude, neuron, filter)")
+    sweep: str | None = Field(None, description="with max_drop: a sweep JSON from dcomp sweep (default: the recipe's "
+                              "last sweep stage, else a sweep measured now)")
 
     @field_validator("sparsity")
     @classmethod
@@ -94,7 +98,16 @@ class PruneConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self):
         m = self.method
-        if m in SPARSITY_METHODS and self.sparsity is None:
+        if self.max_drop is not None:
+            if m not in ("magnitude", "neuron", "filter"):
+                raise ValueError(f"--max-drop chooses per-layer sparsities for --method magnitude, neuron or filter, not {m}")
+            if self.sparsity is not None:
+                raise ValueError("--max-drop chooses the sparsities itself: leave out --sparsity")
+            if self.layers:
+                raise ValueError("--max-drop chooses each layer's sparsity: leave out --layer (--exclude keeps a layer dense)")
+        elif self.sweep is not None:
+            raise ValueError("--sweep is read by --max-drop: give --max-drop POINTS too")
+        if m in SPARSITY_METHODS and self.sparsity is None and self.max_drop is None:
             raise ValueError(f"--method {m} needs --sparsity S in [0, 1), e.g. --sparsity {0.5 if m in STRUCTURED else 0.9}")
         if m not in SPARSITY_METHODS and self.sparsity is not None:
             raise ValueError(f"--sparsity does not apply to --method {m} "
@@ -468,12 +481,30 @@ def _recalibrate(ckpt: Checkpoint, data, samples: int, trust: bool) -> Checkpoin
 
 # ---- the stage -----------------------------------------------------------------------------------------
 
-def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = None) -> StageResult:
-    """Prune ``ckpt`` as ``cfg`` says (see the module doc); returns a new checkpoint and metrics."""
+def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = None,
+                sweep: dict[str, Any] | None = None) -> StageResult:
+    """Prune ``ckpt`` as ``cfg`` says (see the module doc); returns a new checkpoint and metrics.
+    ``sweep``: a sensitivity sweep document ``cfg.max_drop`` may choose from (a recipe's sweep stage)."""
     ctx = ctx or StageContext()
     trust = ctx.trust_pickle
     if ckpt.quant:
         raise DcompError("this checkpoint is already quantized; prune before quantizing")
+    budget = None
+    if cfg.max_drop is not None:  # per-layer sparsities from a sweep (dcomp.compressors.sensitivity)
+        from dcomp.compressors.sensitivity import resolve_max_drop
+
+        cfg, budget = resolve_max_drop(ckpt, cfg, ctx, sweep)
+        if cfg is None:
+            from dcomp.retrain import accuracy
+
+            out = _shallow_copy(ckpt)
+            out.add_provenance("prune", {"max_drop": budget["max_drop"]}, {"budget": budget})
+            top1 = accuracy(ckpt, ctx.data, trust)
+            return StageResult(checkpoint=out, metrics={"method": "none", "structured": False, "target": 0.0,
+                                                        "rounds": 0, "layers": [], "budget": budget,
+                                                        "top1_before": top1, "top1_after": top1,
+                                                        "overall": {"prunable_weights": 0, "pruned": 0, "sparsity": 0.0,
+                                                                    "params": ckpt.param_count(), "nonzero": ckpt.nonzero_count()}})
     retraining = cfg.retrain is not None and cfg.retrain.epochs > 0
     if retraining and ctx.data is None:
         raise UsageError("retraining between rounds needs a dataset (--data)")
@@ -539,6 +570,8 @@ def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = N
         rows, overall = _unstructured_report(out, choices, notes)
     metrics: dict[str, Any] = {"method": cfg.method, "structured": structured, "target": _plain_target(cfg.target()),
                                "rounds": cfg.rounds, "layers": rows, "overall": overall}
+    if budget is not None:
+        metrics["budget"] = budget
     if cfg.rounds > 1 or retraining or ctx.data is not None:
         metrics["history"] = history
     if top1_before is not None:
