@@ -42,6 +42,7 @@ def train(
 
         common.state.typed_archs.add(arch)
         model = build_from_factory(arch, kwargs)
+        common.check_input_fits(model, ds.input_shape, common._data_words(ds.spec, resize))
         arch_d, note = arch_record(model, ds.input_shape, arch, kwargs)  # as data when it can: later commands import nothing
         if note:
             common.log(f"note: {arch} is stored as a reference, not as a graph ({note}); later commands on the "
