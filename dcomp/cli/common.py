@@ -194,8 +194,6 @@ def load_checkpoint(inp: Input, arch: str | None = None, arch_kwargs: str | None
         if execute:
             check_input_fits(ckpt.build_model(trust_pickle=state.trust_pickle), ckpt.input_shape,
                              _data_words(data or "digits", resize))
-    elif arch is not None:
-        _check_arch_flag(ckpt, arch, inp.source)
     note = (ckpt.provenance[-1].get("params", {}).get("graph_note") if ckpt.provenance
             and ckpt.provenance[-1].get("stage") == "import" else None)
     if note and ckpt.arch.get("kind") in ("factory", "import"):
@@ -206,17 +204,6 @@ def load_checkpoint(inp: Input, arch: str | None = None, arch_kwargs: str | None
 
 def _data_words(spec: str, resize: int | None) -> str:
     return f"--data {spec}" + (f" --resize {resize}" if resize else "")
-
-
-def _check_arch_flag(ckpt, arch: str, source: str) -> None:
-    """--arch given for a file that records its own architecture: fine if it agrees, else say so."""
-    recorded = ckpt.arch.get("name") or ckpt.arch.get("target")
-    if recorded == arch:
-        return
-    kind = ckpt.arch.get("kind")
-    what = f"{kind} {recorded}" if recorded else f"a {kind} archive"
-    raise UsageError(f"--arch {arch}: {source} records its own architecture ({what}), which is used; "
-                     f"--arch is for plain state_dicts only (drop it)")
 
 
 def expected_input(model) -> str | None:

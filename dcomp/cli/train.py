@@ -36,6 +36,7 @@ def train(
     torch.manual_seed(common.state.seed)
     if arch in ZOO:
         model = build_zoo(arch, ds.input_shape, ds.num_classes, **kwargs)
+        common.check_input_fits(model, ds.input_shape, common._data_words(ds.spec, resize))
         arch_d = {"kind": "zoo", "name": arch, "kwargs": kwargs}
     elif ":" in arch:
         from dcomp.models.arch import arch_record
@@ -50,7 +51,6 @@ def train(
     else:
         raise common.UsageError(f"unknown architecture {arch!r}: zoo models are {', '.join(ZOO)} (or use package.module:factory)")
 
-    common.check_input_fits(model, ds.input_shape, common._data_words(ds.spec, resize))
     con = common.console()
     progress = TrainProgress(con, "train")
     result = fit(model, ds, cfg, seed=common.state.seed, progress=progress)

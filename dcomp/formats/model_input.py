@@ -55,7 +55,7 @@ def load_model(
     typed = frozenset(typed) | (frozenset([arch]) if arch and arch not in ZOO else frozenset())
     kind = sniff(data)
     if kind == "dcz":
-        return _vouched(read_checkpoint(data, source), typed, execute)
+        return _vouched(_agreeing(read_checkpoint(data, source), arch, source), typed, execute)
     if kind == "torchscript":
         if not execute:  # its tensors, read as data: the code in it is never loaded
             return _torchscript_as_data(data, source, shape_of)
@@ -73,7 +73,7 @@ def load_model(
                 raise
             return _from_pickle(data, source, shape_of)
         if is_checkpoint_dict(obj):
-            return _vouched(Checkpoint.from_dict(obj, source), typed, execute)
+            return _vouched(_agreeing(Checkpoint.from_dict(obj, source), arch, source), typed, execute)
         state = _find_state_dict(obj)
         if state is None:
             raise FormatError(f"{source}: a torch file, but neither a dcomp checkpoint nor a state_dict of tensors")
@@ -82,6 +82,18 @@ def load_model(
         f"{source}: not a model file dcomp reads (expected a dcomp checkpoint, .dcz, TorchScript, "
         f"a torch.save'd state_dict or .safetensors)"
     )
+
+
+def _agreeing(ckpt: Checkpoint, arch: str | None, source: str) -> Checkpoint:
+    """--arch given for a file that records its own architecture: fine if it names the same one
+    (typing a file's own factory vouches for it), else a usage error: it would be ignored."""
+    recorded = ckpt.arch.get("name") or ckpt.arch.get("target")
+    if arch is None or recorded == arch:
+        return ckpt
+    kind = ckpt.arch.get("kind")
+    what = f"{kind} {recorded}" if recorded else f"a {kind} archive"
+    raise UsageError(f"--arch {arch}: {source} records its own architecture ({what}), which is used; "
+                     f"--arch is for plain state_dicts only (drop it)")
 
 
 def _vouched(ckpt: Checkpoint, typed: frozenset[str], execute: bool) -> Checkpoint:
