@@ -22,7 +22,7 @@ A checkpoint is a ``torch.save``-d dict of plain data and tensors only, so it lo
                    shaped like the weight}}: weight == where(mask, codebook[assignments], 0)
     provenance    list of {"stage", "params", "metrics", "dcomp_version"[, "time"]}: no wall-clock
                   time unless SOURCE_DATE_EPOCH or DCOMP_PROVENANCE_TIME=1 (reproducible bytes)
-    digest        {"algorithm": "blake2b-128", "tensors": {"state_dict/NAME": hex, "masks/NAME": hex,
+    digest        {"algorithm": "crc32", "tensors": {"state_dict/NAME": hex, "masks/NAME": hex,
                    "quant/NAME/KEY": hex, "arch/KEY": hex}}: checked on load (absent in older files)
 
 Shapes need no separate table: a structurally shrunk model rebuilds because the factory's

@@ -2,8 +2,8 @@
 
 ``validate_dict`` runs on whatever ``torch.load(weights_only=True)`` returned, before any tensor is
 used: every field's type, range and consistency, in a fixed order, one FormatError line naming the
-file and the field (docs/RELIABILITY.md, "Checkpoints"). ``tensor_digest`` is a BLAKE2b-128 of
-every tensor (dtype, shape and bytes), stored under "digest" when a checkpoint is written and
+file and the field (docs/RELIABILITY.md, "Checkpoints"). ``tensor_digest`` is a CRC32 of every
+tensor (dtype, shape and bytes), stored under "digest" when a checkpoint is written and
 compared on load, so flipped bits in tensor data are an error naming the tensor instead of
 silently different weights. Checkpoints written before the digest existed carry none and load
 as before.
@@ -15,8 +15,8 @@ digest (structure, then every tensor).
 
 from __future__ import annotations
 
-import hashlib
 import math
+import zlib
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ import torch
 from dcomp.errors import FormatError
 from dcomp.formats import limits as _limits
 
-DIGEST_ALGORITHM = "blake2b-128"
+DIGEST_ALGORITHM = "crc32"
 MAX_DIMS = 32
 # dtypes a checkpoint tensor may have (what the rest of dcomp and the .dcz format handle)
 TENSOR_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
@@ -201,13 +201,14 @@ def _tensors(d: dict):
 
 
 def digest_of(t: torch.Tensor) -> str:
-    """BLAKE2b-128 of a tensor's dtype, shape and little-endian element bytes (C order)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}".encode())
+    """CRC32 (zlib/IEEE, as the .dcz sections) of a tensor's dtype, shape and little-endian element
+    bytes (C order), as 8 hex digits. A check against corruption, not against forgery: anyone who
+    can rewrite the file can rewrite the digest (sign or hash the whole file for that)."""
+    crc = zlib.crc32(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}".encode())
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     if flat.numel():
-        h.update(memoryview(flat.view(torch.uint8).numpy()))
-    return h.hexdigest()
+        crc = zlib.crc32(memoryview(flat.view(torch.uint8).numpy()), crc)
+    return f"{crc:08x}"
 
 
 def tensor_digest(d: dict) -> dict:

@@ -43,8 +43,8 @@ class Limits:
 
 ENV = {"max_header": "DCOMP_MAX_HEADER", "max_tables": "DCOMP_MAX_TABLES", "max_decoded": "DCOMP_MAX_DECODED",
        "max_classes": "DCOMP_MAX_CLASSES", "max_input": "DCOMP_MAX_INPUT"}
-FLAGS = {"max_header": "--max-header", "max_tables": "--max-tables", "max_decoded": "--max-decoded",
-         "max_classes": "--max-classes", "max_input": "--max-input"}
+# command-line flags (on `unpack` and `inspect`); the other limits are raised by environment only
+FLAGS = {"max_header": "--max-header", "max_tables": "--max-tables", "max_decoded": "--max-decoded"}
 
 _override: dict[str, int] = {}
 
@@ -98,4 +98,6 @@ def overridden(**values: int | None):
 
 def hint(name: str) -> str:
     """How to raise one limit, for error messages."""
-    return f"raise it with {FLAGS[name]} or {ENV[name]} if you trust the file"
+    if name in FLAGS:
+        return f"raise it with {FLAGS[name]} or {ENV[name]} if you trust the file"
+    return f"raise it with {ENV[name]}=N if you trust the file"
