@@ -79,7 +79,7 @@ class Checkpoint:
             model = torch.load(io.BytesIO(self.arch["archive"].numpy().tobytes()), weights_only=False)
         else:
             raise FormatError(f"checkpoint has an unknown architecture kind {kind!r}")
-        resized = conform_to_state_dict(model, self.state_dict) if kind in ("zoo", "import") else []
+        resized = conform_to_state_dict(model, self.state_dict, self.arch.get("resized")) if kind in ("zoo", "import") else []
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as e:

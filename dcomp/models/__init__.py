@@ -43,6 +43,10 @@ def import_factory(target: str) -> Callable[..., nn.Module]:
     if not mod_name or not attr:
         raise UsageError(f"--arch {target!r}: expected a zoo name or package.module:factory")
     try:
+        if mod_name == "torchvision" or mod_name.startswith("torchvision."):
+            from dcomp.models.vision import import_torchvision
+
+            import_torchvision()  # torchvision imports only through dcomp.models.vision here (see its doc)
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise DcompError(f"--arch {target!r}: cannot import {mod_name} ({e})") from None
@@ -77,51 +81,19 @@ def build_from_factory(target: str, kwargs: dict | None = None, trusted: bool = 
     return model
 
 
-def conform_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Resize Linear / Conv / BatchNorm modules so their parameters match ``state_dict`` shapes.
+def conform_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], resized: dict | None = None) -> list[str]:
+    """Resize ``model`` in place so its parameters and buffers match ``state_dict`` shapes.
 
-    This is how a structurally pruned checkpoint rebuilds: the factory makes the original
-    architecture, then every layer whose stored weight is smaller is replaced by a new layer
-    of the stored size. Layers of other types with mismatched shapes are an error.
-    Returns the names of the resized layers.
+    This is how a structurally pruned checkpoint rebuilds: the builder makes the original
+    architecture, ``resized`` (the checkpoint's plain-data ``arch["resized"]``: attention heads,
+    sizes a forward uses as literals) is applied, then every tensor stored at another shape is
+    replaced by one of the stored shape and the module's attributes follow (in/out features and
+    channels, depthwise groups, normalized_shape, num_features, embed_dim); see
+    ``dcomp.compressors.graph.resize``. Returns the names of the resized modules.
     """
-    resized = []
-    for name, module in list(model.named_modules()):
-        prefix = f"{name}." if name else ""
-        w = state_dict.get(prefix + "weight")
-        if w is None or not hasattr(module, "weight") or module.weight is None:
-            continue
-        if tuple(module.weight.shape) == tuple(w.shape):
-            continue
-        new = _resized(module, w.shape, state_dict.get(prefix + "bias") is not None)
-        if new is None:
-            raise DcompError(
-                f"cannot rebuild layer {name!r} ({type(module).__name__}) at shape {list(w.shape)}: "
-                f"only Linear, Conv and BatchNorm layers can change size"
-            )
-        _set_submodule(model, name, new)
-        resized.append(name)
-    return resized
+    from dcomp.compressors.graph.resize import conform
 
-
-def _resized(m: nn.Module, shape, bias: bool) -> nn.Module | None:
-    if isinstance(m, nn.Linear):
-        return nn.Linear(shape[1], shape[0], bias=bias)
-    if isinstance(m, nn.Conv2d):
-        groups = m.groups
-        if groups != 1:
-            if groups == m.in_channels == m.out_channels and shape[1] == 1:  # depthwise
-                groups = shape[0]
-            else:
-                return None
-        return nn.Conv2d(shape[1] * groups, shape[0], m.kernel_size, m.stride, m.padding,
-                         m.dilation, groups, bias=bias, padding_mode=m.padding_mode)
-    if isinstance(m, nn.Conv1d) and m.groups == 1:
-        return nn.Conv1d(shape[1], shape[0], m.kernel_size, m.stride, m.padding, m.dilation, bias=bias)
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return type(m)(shape[0], eps=m.eps, momentum=m.momentum, affine=m.affine,
-                       track_running_stats=m.track_running_stats)
-    return None
+    return conform(model, state_dict, resized)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
