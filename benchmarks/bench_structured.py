@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 
 # Input sizes: small enough for a shared 2-core machine; the architecture is what is under test.
-SIZE = {"inception_v3": 96, "maxvit_t": 224}
+SIZE = {"inception_v3": 96, "maxvit_t": 224, "alexnet": 224}   # alexnet/vgg pool to 6x6/7x7: ONNX needs a factor
+for _vgg in ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"):
+    SIZE[_vgg] = 224
 BIG = {"vit_h_14": 56, "regnet_y_128gf": 64}   # > 2 GB of float32 weights: ONNX export of the original is skipped
 SKIP_ORIGINAL_EXPORT = {"vit_h_14", "regnet_y_128gf"}
 DEFAULT_SIZE = 64

@@ -382,8 +382,15 @@ def _structured_choices(model, graph, cfg: PruneConfig) -> tuple[list[LayerChoic
     for g in graph.groups:
         for p in g.producers:
             sizes[p] = _producer_numel(model, p)
+    # --exclude may also name modules that are not producers (kept whole, not traced into); each must name something.
+    modules = [n for n, _ in model.named_modules() if n]
+    for rx in cfg.exclude:
+        if not any(re.search(rx, n) for n in modules):
+            raise UsageError(f"--exclude {rx!r} matches no module of the model (layers: {_some(sizes)})")
+    excl = [rx for rx in cfg.exclude if any(_hits(re.compile(rx), p) for p in sizes)]
     # Regexes are checked against every producer, so a regex naming a coupled layer counts.
-    by_layer = {c.name: c for c in choose_layers(sizes, cfg.model_copy(update={"min_weights": 0}))} if sizes else {}
+    by_layer = {c.name: c for c in choose_layers(sizes, cfg.model_copy(update={"min_weights": 0, "exclude": excl}))} \
+        if sizes else {}
     out, notes = [], {}
     for g in graph.groups:
         head = g.name

@@ -62,7 +62,10 @@ class DependencyGraph:
         seen: dict[int, tuple[str, torch.Tensor]] = {}
         for name, idx in keep.items():
             if name not in self.group_of:
-                raise DcompError(f"the model has no prunable layer '{name}'")
+                known = {s.owner for s in self.slots}
+                raise DcompError(f"layer '{name}' has no units that can be removed (it is not a conv, Linear or "
+                                 f"attention layer, or it is not on the traced path)" if name in known
+                                 else f"the model has no prunable layer '{name}' (no layer '{name}' produces units)")
             gi = self.group_of[name]
             g = self.groups[gi]
             idx = torch.unique(torch.as_tensor(idx, dtype=torch.long).reshape(-1))
@@ -355,6 +358,9 @@ def _literal_attr(model: nn.Module, scope: str, value: int):
             continue
         hits = [k for k, v in vars(mod).items() if not k.startswith("_") and k not in _NO_ATTRS
                 and type(v) is int and v == value]
+        if len(hits) > 1:   # several attributes have this value: a name that says "size" breaks the tie
+            named = [k for k in hits if any(w in k for w in ("dim", "hidden", "channel", "width", "features", "heads"))]
+            hits = named if len(named) == 1 else hits
         if len(hits) == 1:
             return path, hits[0]
         if len(hits) > 1:

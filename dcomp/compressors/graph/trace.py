@@ -125,6 +125,7 @@ class _Tracer:
             def __init__(self):
                 super().__init__()
                 self._dscope = ""
+                self._dfail = None
                 self.leaves = [re.compile(rx) for rx in leaves]
 
             def is_leaf_module(self, m, qualname):
@@ -139,6 +140,10 @@ class _Tracer:
                 self._dscope = self.path_of_module(m)
                 try:
                     return super().call_module(m, forward, args, kwargs)
+                except Exception:
+                    if self._dfail is None:
+                        self._dfail = self._dscope or type(m).__name__   # the innermost module that failed
+                    raise
                 finally:
                     self._dscope = old
 
@@ -162,7 +167,7 @@ def symbolic_trace(model: nn.Module, leaves: list[str] | None = None):
     try:
         graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001 - fx raises many kinds
-        where = tracer._dscope or type(model).__name__
+        where = tracer._dfail or type(model).__name__
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise UsageError(f"torch.fx cannot trace module '{where}' ({type(e).__name__}: {first}); pass "
                          f"--exclude '{re.escape(where)}' to keep it whole, or give the model as a "
