@@ -568,3 +568,34 @@ def test_cli_untraceable_model_is_one_line_exit_2_and_exclude_makes_it_work(tmp_
     assert p.returncode == 0, p.stderr
     out = Checkpoint.from_dict(torch.load(tmp_path / "out.pt", weights_only=True))
     assert out.state_dict["fc1.weight"].shape == (32, 24)   # fc1's units reach 'inner': kept whole; fc0 halved
+
+
+def test_cli_group_pruning_and_info_report_macs_before_and_after(tmp_path, cli):
+    import json
+
+    ck, _ = _ckpt_of("tests.test_graph:convnext_like", (3, 16, 16))
+    ck.save(tmp_path / "c.pt")
+    r = cli("--trust-pickle", "--json", "prune", tmp_path / "c.pt", "--method", "group", "-s", "0.5",
+            "-o", tmp_path / "p.pt")
+    assert r.exit_code == 0, r.output
+    o = json.loads(r.stdout)["overall"]
+    assert o["macs_after"] < 0.5 * o["macs_before"]
+    r = cli("--trust-pickle", "--json", "info", tmp_path / "p.pt")
+    assert r.exit_code == 0, r.output
+    macs = json.loads(r.stdout)["macs"]
+    assert macs["total"] == o["macs_after"] and macs["original"] == o["macs_before"]
+    assert sum(macs["per_layer"].values()) == macs["total"]
+
+
+def test_unstructured_pruning_reaches_attention_projections():
+    """Issue 19 item 6: --sparsity 0.8 on a ViT used to leave MultiheadAttention.in_proj_weight dense."""
+    from dcomp.compressors.pruning import PruneConfig, apply_prune
+
+    ck, _ = _ckpt_of("tests.test_graph:tiny_vit", (3, 16, 16))
+    from dcomp.stages import StageContext
+
+    res = apply_prune(ck, PruneConfig(method="magnitude", sparsity=0.8, min_weights=0), StageContext(trust_pickle=True))
+    rows = {r["layer"]: r for r in res.metrics["layers"]}
+    name = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
+    assert abs(rows[name]["sparsity"] - 0.8) < 0.01
+    assert res.checkpoint.masks[name].float().mean() < 0.21

@@ -432,11 +432,14 @@ def _producer_numel(model, name: str) -> int:
 
 
 def _prune_structured_round(ckpt: Checkpoint, cfg: PruneConfig, frac: float, orig: dict[str, int],
-                            trust: bool, data=None) -> tuple[Checkpoint, list[LayerChoice], dict[str, str]]:
+                            trust: bool, data=None, built=None) -> tuple[Checkpoint, list[LayerChoice], dict[str, str]]:
     from dcomp.compressors.graph import analyse, choose, shrink_checkpoint, taylor_gradients, unit_scores
 
-    model = ckpt.build_model(trust_pickle=trust)
-    graph = analyse(model, ckpt.input_shape, exclude=cfg.exclude)
+    if built is not None:   # the model and graph of this very checkpoint, already made
+        model, graph = built
+    else:
+        model = ckpt.build_model(trust_pickle=trust)
+        graph = analyse(model, ckpt.input_shape, exclude=cfg.exclude)
     choices, notes = _structured_choices(model, graph, cfg)
     importance = cfg.importance or IMPORTANCE_OF[cfg.method]
     grads = None
@@ -540,6 +543,7 @@ def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = N
     structured = cfg.method in STRUCTURED
 
     # Decide the layers first: bad regexes fail before any work.
+    built = None
     if structured:
         from dcomp.compressors.graph import analyse, check_shrinkable
 
@@ -550,7 +554,7 @@ def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = N
         graph0 = analyse(model, ckpt.input_shape, exclude=cfg.exclude)
         choices, notes = _structured_choices(model, graph0, cfg)
         orig = {g.name: g.channels for g in graph0.groups}
-        del model
+        built = (model, graph0)
     else:
         numels = _prunable_numels(ckpt, trust)
         choices = choose_layers(numels, cfg)
@@ -564,7 +568,8 @@ def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = N
     for i in range(1, cfg.rounds + 1):
         frac = schedule_fraction(i, cfg.rounds, cfg.schedule)
         if structured:
-            out, _, notes = _prune_structured_round(out, cfg, frac, orig, trust, ctx.data)
+            out, _, notes = _prune_structured_round(out, cfg, frac, orig, trust, ctx.data, built if i == 1 else None)
+            built = None
         else:
             out, notes = _prune_unstructured_round(out, choices, cfg, frac)
         rec: dict[str, Any] = {"round": i, "fraction_of_target": frac}

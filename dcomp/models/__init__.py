@@ -103,7 +103,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Weights of Linear and Conv layers: the ones magnitude pruning and quantization act on.
+    """Weights of Linear and Conv layers and the q/k/v projections of nn.MultiheadAttention: the ones
+    magnitude pruning and quantization act on.
 
     Biases and normalisation parameters are never in this set.
     """
@@ -111,6 +112,12 @@ def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.weight is not None:
             out[f"{name}.weight" if name else "weight"] = m.weight
+        elif isinstance(m, nn.MultiheadAttention):
+            # the q/k/v projections are matrices like any Linear (the out_proj is an nn.Linear already)
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                p = getattr(m, attr, None)
+                if p is not None:
+                    out[f"{name}.{attr}" if name else attr] = p
     if not out and isinstance(model, torch.jit.ScriptModule):
         # TorchScript hides module types: fall back to the >=2-D parameters named *weight.
         for name, p in model.named_parameters():
