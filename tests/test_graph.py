@@ -599,3 +599,23 @@ def test_unstructured_pruning_reaches_attention_projections():
     name = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
     assert abs(rows[name]["sparsity"] - 0.8) < 0.01
     assert res.checkpoint.masks[name].float().mean() < 0.21
+
+
+def test_export_check_runs_on_the_models_own_data(lenet_ckpt, monkeypatch):
+    """Issue 19 item 6: after BatchNorm recalibration some channels have ~0 variance on the data; on Gaussian
+    noise such a model blows up (1/sqrt(eps) per layer) and onnxruntime looked 3.4e-1 off PyTorch. The export
+    check now feeds test images of the dataset the checkpoint records."""
+    from dcomp.data import load_dataset
+    from dcomp.formats import onnx_export
+
+    seen = {}
+    real = onnx_export.compare_with_torch
+
+    def spy(data, model, shape, *a, x=None, **k):
+        seen["x"] = x
+        return real(data, model, shape, *a, x=x, **k)
+
+    monkeypatch.setattr(onnx_export, "compare_with_torch", spy)
+    onnx_export.export_checkpoint(lenet_ckpt)
+    ds = load_dataset("digits")
+    assert seen["x"] is not None and torch.equal(seen["x"], torch.as_tensor(ds.x_test[:3]).float())

@@ -84,12 +84,12 @@ def choose(graph: DependencyGraph, scores: torch.Tensor, ratios: dict[int, float
             continue
         s = scores[g.units]
         if g.bins:
-            kept = []
-            for b in g.bins:
-                kb = max(1, int(round(b.numel() * k / n)))
-                pos = torch.nonzero(torch.isin(g.units, b)).squeeze(1)
-                kept.append(pos[top_units(s[pos], kb)])
-            keep_idx = torch.cat(kept)
+            keep_idx = _split_keep(g, s, k)
+            if keep_idx is None:
+                notes[gi] = "kept whole: no width near the asked one keeps its equal splits (grouped conv / chunk) equal"
+                continue
+            if keep_idx.numel() != k:
+                notes[gi] = f"keeps {keep_idx.numel()} of {n} units (nearest width that keeps its equal splits equal)"
         else:
             keep_idx = top_units(s, k)
         mask = torch.ones(n, dtype=torch.bool)
@@ -109,6 +109,33 @@ def choose(graph: DependencyGraph, scores: torch.Tensor, ratios: dict[int, float
         if check_split_counts(graph, removed):
             raise DcompError(f"cannot keep equal splits: {why}")
     return removed, notes
+
+
+def _split_keep(g: Group, s: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Indices (into g.units) to keep, about ``k`` of them, such that every equal split of the group keeps
+    equal parts: each bin keeps the same fraction f, trying every f a bin can express."""
+    sizes = [b.numel() for b in g.bins]
+    pos = [torch.nonzero(torch.isin(g.units, b)).squeeze(1) for b in g.bins]
+    pinned = [bool(getattr(b, "pinned", False)) for b in g.bins]
+    fracs = sorted({j / n for n, pin in zip(sizes, pinned) if not pin for j in range(1, n + 1)})
+    best = None
+    for f in fracs:
+        kept = torch.cat([p if pin else p[top_units(s[p], max(1, int(math.floor(n * f + 0.5))))]
+                          for p, n, pin in zip(pos, sizes, pinned)])
+        gone = torch.ones(g.channels, dtype=torch.bool)
+        gone[kept] = False
+        removed = {int(u) for u in g.units[gone]}
+        ok = True
+        for cls, parts, _ in g.splits:
+            per = cls.numel() // parts
+            counts = {sum(1 for c in cls[p * per:(p + 1) * per].tolist() if c not in removed) for p in range(parts)}
+            if len(counts) > 1:
+                ok = False
+                break
+        if ok and (best is None or abs(kept.numel() - k) < abs(best.numel() - k)
+                   or (abs(kept.numel() - k) == abs(best.numel() - k) and kept.numel() > best.numel())):
+            best = kept
+    return None if best is None else torch.sort(best).values
 
 
 def shrink(model: nn.Module, graph: DependencyGraph, removed: torch.Tensor) -> tuple[nn.Module, dict]:

@@ -322,29 +322,42 @@ def build(tr: Trace) -> DependencyGraph:
 
 
 def _bins(units: torch.Tensor, splits) -> tuple[list[torch.Tensor] | None, str | None]:
-    """Units grouped so that every equal split (grouped conv, chunk, GroupNorm) keeps as many per part."""
+    """Units grouped by the part of every equal split (grouped conv, chunk, GroupNorm) they fall in; each bin
+    then keeps the same fraction (``choose`` checks the parts come out equal). A unit spread evenly over all
+    parts of a split (a channel shuffle does that) is free with respect to it."""
     keys: dict[int, tuple] = {int(u): () for u in units}
     for cls, parts, node in splits:
         if cls.numel() % parts:
             return None, f"'{node}' splits {cls.numel()} channels into {parts} parts"
         per = cls.numel() // parts
-        part_of: dict[int, int] = {}
+        counts: dict[int, list[int]] = {}
         for p in range(parts):
             for c in cls[p * per:(p + 1) * per].tolist():
-                if c < 0 or c not in keys:
-                    continue
-                if part_of.setdefault(c, p) != p:
-                    return None, f"a unit appears in several parts of '{node}'"
+                if c in keys:
+                    counts.setdefault(c, [0] * parts)[p] += 1
         for u in keys:
-            keys[u] = keys[u] + (part_of.get(u, -1),)
+            n = counts.get(u)
+            if n is None:
+                key = -1
+            elif sum(1 for x in n if x) == 1:
+                key = next(i for i, x in enumerate(n) if x)
+            elif len(set(n)) == 1:
+                key = -2
+            else:
+                key = -3   # spread unevenly over the parts: removing it would unbalance them, so it stays
+            keys[u] = keys[u] + (key,)
     bins: dict[tuple, list[int]] = {}
     for u, k in keys.items():
         bins.setdefault(k, []).append(u)
-    sizes = {len(v) for k, v in bins.items() if any(p >= 0 for p in k)}
-    if len(sizes) > 1:
-        return None, "equal splits (grouped convolution / chunk) with unequal parts"
-    return [torch.tensor(sorted(v, key=lambda u: int((units == u).nonzero()[0])), dtype=torch.long)
-            for v in bins.values()], None
+    pos = {int(u): i for i, u in enumerate(units.tolist())}
+    out = []
+    for k, v in bins.items():
+        b = torch.tensor(sorted(v, key=pos.__getitem__), dtype=torch.long)
+        b.pinned = -3 in k   # kept whole
+        out.append(b)
+    if all(b.pinned for b in out):
+        return None, "its units are spread unevenly over the parts of an equal split (chunk after channel shuffles)"
+    return out, None
 
 
 def _literal_attr(model: nn.Module, scope: str, value: int):
