@@ -480,7 +480,8 @@ def _structured_report(before: Checkpoint, after: Checkpoint, groups_before, tru
             if p.endswith(":heads"):
                 mod = p[:-len(":heads")]
                 hb, ha = model_b.get_submodule(mod).num_heads, model_a.get_submodule(mod).num_heads
-                rows.append({"layer": p, "shape_before": [hb], "shape_after": [ha], "units_before": hb, "units_after": ha,
+                rows.append({"layer": p, "group": g.name, "shape_before": [hb], "shape_after": [ha], "units_before": hb,
+                             "units_after": ha,
                              "weights_before": _producer_numel(model_b, p), "weights_after": _producer_numel(model_a, p),
                              "note": g.blocked and "kept: " + g.blocked or ""})
                 continue
@@ -489,7 +490,7 @@ def _structured_report(before: Checkpoint, after: Checkpoint, groups_before, tru
             if wb is None or wa is None:
                 continue
             dim = 1 if isinstance(model_b.get_submodule(p), nn.modules.conv._ConvTransposeNd) else 0
-            rows.append({"layer": p, "shape_before": list(wb.shape), "shape_after": list(wa.shape),
+            rows.append({"layer": p, "group": g.name, "shape_before": list(wb.shape), "shape_after": list(wa.shape),
                          "units_before": int(wb.shape[dim]), "units_after": int(wa.shape[dim]),
                          "weights_before": wb.numel(), "weights_after": wa.numel(),
                          "note": g.blocked and "kept: " + g.blocked or ""})
@@ -601,8 +602,8 @@ def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = N
         rows, overall = _structured_report(ckpt, out, graph0.groups, trust)
         overall["not_followed"] = [{"module": m, "op": op, "reason": why} for m, op, why in graph0.unfollowed]
         for r in rows:
-            r["note"] = r["note"] or notes.get(r["layer"], "") or next(
-                (c.note for c in choices if c.name == r["layer"]), "")
+            r["note"] = r["note"] or notes.get(r["group"], "") or next(
+                (c.note for c in choices if c.name == r["group"]), "")
     else:
         rows, overall = _unstructured_report(out, choices, notes)
     metrics: dict[str, Any] = {"method": cfg.method, "structured": structured, "target": _plain_target(cfg.target()),
