@@ -161,7 +161,7 @@ def run_one(name: str, timing: bool) -> dict:
             if timing:
                 step = "timing"
                 res["ms_before"], res["ms_after"], res["load"] = _latency(onnx_a, onnx_b, x[:1].numpy())
-            else:   # timed later, all models under one hold of the timing lock (--time)
+            else:   # timed later in one pass (--time)
                 ONNX_DIR.mkdir(parents=True, exist_ok=True)
                 (ONNX_DIR / f"{name}.before.onnx").write_bytes(onnx_a)
                 (ONNX_DIR / f"{name}.after.onnx").write_bytes(onnx_b)
@@ -174,7 +174,7 @@ def run_one(name: str, timing: bool) -> dict:
 
 
 def time_saved(raw: Path, out: Path, models: str | None) -> None:
-    """Latency of every saved before/after ONNX pair, all under one hold of the timing lock."""
+    """Latency of every saved before/after ONNX pair (the timing lock is taken per model)."""
     import numpy as np
 
     rows = [json.loads(line) for line in raw.read_text().splitlines()]

@@ -70,6 +70,10 @@ class LabelSpace:
     def rows(self, labels: torch.Tensor, dim: int) -> torch.Tensor:
         """One label per index of ``dim``: the elements of each slice are tied together (a layer that
         reads channel ``i`` reads all of them). Returns a vector of length ``labels.shape[dim]``."""
+        dim = dim % labels.dim() if labels.dim() else 0
+        if labels.dim() and all(labels.stride(d) == 0 or labels.shape[d] == 1 for d in range(labels.dim()) if d != dim):
+            # a broadcast vector (a layer's output units): one label per index already
+            return labels[tuple(slice(None) if d == dim else 0 for d in range(labels.dim()))].clone()
         t = labels.movedim(dim, 0)
         t = t.reshape(t.shape[0], -1)
         rep = t.max(dim=1).values if t.shape[1] else torch.full((t.shape[0],), WILD, dtype=torch.long)
