@@ -204,6 +204,7 @@ def _fmt(n) -> str:
 
 def write_md(results: list[dict], path: Path, command: str) -> None:
     passed = sum(r["status"] == "pass" for r in results)
+    ran = sum(r["status"] != "not run" for r in results)
     lines = [
         "# Structured pruning of every torchvision classifier",
         "",
@@ -219,7 +220,8 @@ def write_md(results: list[dict], path: Path, command: str) -> None:
         "so compare before/after within a row, not across rows). Input sizes are small (stated per row) to fit the "
         "sweep on this machine.",
         "",
-        f"**{passed} of {len(results)} pass.**",
+        f"**{passed} of the {ran} models run pass" + (f"; {len(results) - ran} of {len(results)} were not run**"
+                                                      if ran < len(results) else ".**"),
         "",
         "| model | input | result | params before -> after | MACs before -> after | ms before -> after (load) | groups pruned | kept whole / not followed |",
         "|---|---|---|---|---|---|---|---|",

@@ -412,7 +412,7 @@ def _structured_choices(model, graph, cfg: PruneConfig) -> tuple[list[LayerChoic
         else:
             out.append(LayerChoice(head, cfg.sparsity, "layer"))
     if not any(c.value is not None for c in out):
-        kind = {"neuron": "Linear", "filter": "conv", "channel": "conv", "group": "prunable"}[cfg.method]
+        kind = {"neuron": "Linear", "filter": "Conv2d", "channel": "Conv2d", "group": "prunable"}[cfg.method]
         raise UsageError(f"--method {cfg.method}: no {kind} layer can lose units "
                          f"({'; '.join(f'{k}: {v}' for k, v in list(notes.items())[:3]) or 'all excluded'})"
                          + (" - use --method filter, channel or group" if cfg.method == "neuron" and not out else "")
