@@ -109,6 +109,10 @@ def export_module(model: nn.Module, input_shape, opset: int = OPSET,
     model = model.eval()
     x = torch.zeros(2, *[int(s) for s in input_shape])
     buf = io.BytesIO()
+    # nn.MultiheadAttention's fused eval path (aten::_native_multi_head_attention) has no ONNX export;
+    # its plain path computes the same function
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with quiet_fds(), torch.no_grad():
             torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
@@ -116,6 +120,8 @@ def export_module(model: nn.Module, input_shape, opset: int = OPSET,
                               dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; we name the layer
         raise DcompError(_explain_failure(model, x, e, opset)) from None
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     proto = onnx.load_from_string(buf.getvalue())
     proto.ir_version = min(proto.ir_version, IR_VERSION) if proto.ir_version else IR_VERSION
     return proto.SerializeToString()
