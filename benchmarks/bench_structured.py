@@ -232,9 +232,11 @@ def write_md(results: list[dict], path: Path, command: str) -> None:
         nf = "; ".join(f"{d['module']}: {d['op']}" for d in r.get("not_followed", [])[:3])
         note = "; ".join(x for x in (kept[:160], nf[:160]) if x)
         res = r["status"] + (f": {r['reason']}" if r.get("reason") else "")
-        lines.append(f"| {r['model']} | {r['input']} | {res} | {_fmt(r.get('params_before'))} -> {_fmt(r.get('params_after'))} "
-                     f"| {_fmt(r.get('macs_before'))} -> {_fmt(r.get('macs_after'))} | {ms} | "
-                     f"{r.get('groups_pruned', '')}/{r.get('layers', '')} | {note} |")
+        def arrow(k):
+            return f"{_fmt(r.get(k + '_before'))} -> {_fmt(r.get(k + '_after'))}" if r.get(k + "_after") else ""
+
+        groups = f"{r['groups_pruned']}/{r['layers']}" if "layers" in r else ""
+        lines.append(f"| {r['model']} | {r['input']} | {res} | {arrow('params')} | {arrow('macs')} | {ms} | {groups} | {note} |")
     path.write_text("\n".join(lines) + "\n")
 
 
