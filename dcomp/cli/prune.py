@@ -13,6 +13,7 @@ Examples:
   dcomp prune model.pt --method global --sparsity 0.9 --layer 'fc3=0.5' -o pruned.pt
   dcomp prune model.pt --method nm --nm 2:4 -o sparse24.pt
   dcomp prune model.pt --method filter --sparsity 0.5 --data digits -o thin.pt
+  dcomp prune --arch torchvision.models:mobilenet_v2 --arch-kwargs '{"num_classes": 10}' --method group -s 0.5 -o thin.pt
   dcomp prune model.pt --sparsity 0.9 --rounds 5 --schedule cubic --epochs-per-round 6 --lr 0.05 --data digits -o pruned.pt
   dcomp prune model.pt --max-drop 1 --data digits -o pruned.pt           # per-layer sparsities from a sweep
   dcomp prune model.pt --max-drop 1 --sweep sweep.json --data digits -o pruned.pt
@@ -38,12 +39,14 @@ from dcomp.errors import UsageError
 def prune(
     model: InputArg = None,
     output: OutputOpt = None,
-    method: Annotated[str, typer.Option("--method", "-m", help="magnitude (layer-wise), global, std, nm, neuron, filter or channel")] = "magnitude",
+    method: Annotated[str, typer.Option("--method", "-m", help="magnitude (layer-wise), global, std, nm, neuron, filter, channel or group (every prunable group: filters, units, attention heads)")] = "magnitude",
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", help="fraction of weights (structured: units) to remove, in [0, 1)")] = None,
     quality: Annotated[Optional[float], typer.Option("--quality", help="std method: prune |w| <= quality x std(layer)")] = None,
     nm: Annotated[Optional[str], typer.Option("--nm", help="nm method: N kept of every M weights (default 2:4)")] = None,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="per-layer override REGEX=VALUE, e.g. 'fc3=0.7' (0 = dense); repeatable")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="leave layers matching REGEX dense; repeatable")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="leave layers matching REGEX dense (structured: also modules not to trace into); repeatable")] = None,
+    importance: Annotated[Optional[str], typer.Option("--importance", help="structured: unit score l1, l2, channel, bn (BatchNorm scale) or taylor (needs --data)")] = None,
+    global_rank: Annotated[bool, typer.Option("--global-rank", help="structured: rank units of all groups together instead of the same ratio per group")] = False,
     min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="leave layers with fewer weights dense")] = 100,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="iterative pruning: reach the target in N prune-retrain steps")] = 1,
     epochs_per_round: Annotated[int, typer.Option("--epochs-per-round", min=0, help="retraining epochs after each round (needs data)")] = 0,
@@ -74,7 +77,8 @@ def prune(
     try:
         cfg = PruneConfig(method=method, sparsity=sparsity, quality=quality, nm=nm, layers=overrides,
                           exclude=list(exclude or []), min_weights=min_weights, rounds=rounds, schedule=schedule,
-                          retrain=retrain_cfg, recalibrate_bn=recalibrate_bn, max_drop=max_drop, sweep=sweep)
+                          retrain=retrain_cfg, recalibrate_bn=recalibrate_bn, importance=importance,
+                          global_rank=global_rank, max_drop=max_drop, sweep=sweep)
     except ValidationError as e:
         raise UsageError(config_error(e)) from None
 
@@ -110,6 +114,11 @@ def render(c, metrics: dict, dest: str) -> None:
         overall = {"params": f"{o['params_before']:,} -> {o['params_after']:,} ({o['param_ratio']:.1%})"}
         if "conv_ratio" in o:
             overall["conv weights"] = f"{o['conv_weights_before']:,} -> {o['conv_weights_after']:,} ({o['conv_ratio']:.1%})"
+        if "macs_before" in o:
+            overall["MACs (batch 1)"] = (f"{o['macs_before']:,} -> {o['macs_after']:,} "
+                                         f"({o['macs_after'] / max(o['macs_before'], 1):.1%})")
+        for nf in o.get("not_followed", [])[:8]:
+            overall[f"not followed: {nf['module']}"] = f"{nf['op']}: {nf['reason']}"
     else:
         target = "per layer from --max-drop" if metrics.get("budget") else f"target {metrics['target']}"
         t = Table(title=f"pruned ({metrics['method']}, {target})", title_justify="left")

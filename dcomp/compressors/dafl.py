@@ -389,7 +389,7 @@ def width_scaled(ckpt, width: float, seed: int = 0, trust_pickle: bool = False):
     whose size is free to change (not the classifier's outputs, not the input), freshly
     initialised: e.g. LeNet-5-half for width 0.5. Coupled layers (residual additions) shrink
     together. Returns a checkpoint without masks."""
-    from dcomp.compressors.structured import shrink_checkpoint, trace_dependencies
+    from dcomp.compressors.graph import shrink_checkpoint, trace_dependencies
 
     if not 0 < width <= 1:
         raise UsageError(f"--width must be in (0, 1], got {width}")

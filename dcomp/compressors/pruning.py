@@ -5,11 +5,16 @@ Unstructured (a mask; pruned weights become exactly 0 and stay so when retrained
     global     one threshold over all selected layers: exactly round(s * total) pruned overall
     std        Han et al.: prune |w| <= quality * std(layer weights); sparsity follows from the weights
     nm         N:M semi-structured (default 2:4): N kept of every M consecutive input weights
-Structured (a smaller dense model; see dcomp.compressors.structured):
+Structured (a smaller dense model; see dcomp.compressors.graph, the dependency graph):
     neuron     units of Linear layers, scored by the L2 norm of their weight rows
-    filter     filters of Conv2d layers, scored by their L1 norm (Li et al.)
-    channel    output channels of Conv2d layers, scored by the L1 norm of the input-channel
+    filter     filters of conv layers, scored by their L1 norm (Li et al.)
+    channel    output channels of conv layers, scored by the L1 norm of the input-channel
                slices their consumers read (input-channel pruning, done by shrinking the producer)
+    group      every prunable group: conv filters, Linear units and attention heads (L1 by default)
+``importance`` replaces the score (l1, l2, channel, bn = BatchNorm scale, taylor = first-order
+Taylor on training data); ``global_rank`` ranks all groups together (scores normalised by each
+group's mean) instead of removing the same fraction from each. ``exclude`` regexes name layers
+whose groups stay whole, and modules that are not traced into (what reaches them stays whole).
 
 Per-layer control: ``layers`` maps a regex to the layer's own value (a sparsity; a quality for
 ``std``; an N:M for ``nm``); the last matching regex wins and "0" leaves a layer dense.
@@ -33,6 +38,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from torch import nn
+
 from dcomp.compressors.masks import prune_count
 from dcomp.compressors.nm import nm_applicable, nm_mask, parse_nm
 from dcomp.errors import DcompError, UsageError
@@ -40,9 +47,10 @@ from dcomp.formats.checkpoint import Checkpoint
 from dcomp.stages import StageContext, StageResult
 from dcomp.train import TrainConfig
 
-SPARSITY_METHODS = ("magnitude", "global", "neuron", "filter", "channel")
-STRUCTURED = ("neuron", "filter", "channel")
-METHODS = ("magnitude", "global", "std", "nm", "neuron", "filter", "channel")
+SPARSITY_METHODS = ("magnitude", "global", "neuron", "filter", "channel", "group")
+STRUCTURED = ("neuron", "filter", "channel", "group")
+METHODS = ("magnitude", "global", "std", "nm", "neuron", "filter", "channel", "group")
+IMPORTANCE_OF = {"neuron": "l2", "filter": "l1", "channel": "channel", "group": "l1"}
 
 
 class PruneConfig(BaseModel):
@@ -50,7 +58,7 @@ class PruneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["magnitude", "global", "std", "nm", "neuron", "filter", "channel"] = "magnitude"
+    method: Literal["magnitude", "global", "std", "nm", "neuron", "filter", "channel", "group"] = "magnitude"
     sparsity: float | None = Field(None, description="fraction of weights (or units) to remove, in [0, 1)")
     quality: float | None = Field(None, description="std method: threshold = quality x std of the layer's weights")
     nm: str | None = Field(None, description="nm method: keep N of every M consecutive weights, e.g. 2:4")
@@ -66,6 +74,10 @@ class PruneConfig(BaseModel):
                                    "model loses at most this many top-1 points before retraining (magnitude, neuron, filter)")
     sweep: str | None = Field(None, description="with max_drop: a sweep JSON from dcomp sweep (default: the recipe's "
                               "last sweep stage, else a sweep measured now)")
+    importance: Literal["l1", "l2", "channel", "bn", "taylor"] | None = Field(
+        None, description="structured: unit score (default: l2 for neuron, l1 for filter/group, channel for channel)")
+    global_rank: bool = Field(False, description="structured: one ranking over all groups instead of the same ratio in each")
+    taylor_samples: int = Field(256, ge=2, description="taylor importance: training samples for the gradients")
 
     @field_validator("sparsity")
     @classmethod
@@ -116,6 +128,9 @@ class PruneConfig(BaseModel):
             raise ValueError("--method std needs --quality q (threshold = q x std of each layer's weights), e.g. --quality 1.0")
         if m != "std" and self.quality is not None:
             raise ValueError(f"--quality only applies to --method std, not {m}")
+        if m not in STRUCTURED and (self.importance is not None or self.global_rank):
+            raise ValueError(f"--importance and --global-rank apply to the structured methods (neuron, filter, channel, "
+                             f"group), not {m}")
         if m != "nm" and self.nm is not None:
             raise ValueError(f"--nm only applies to --method nm, not {m}")
         if m == "nm" and self.nm is None:
@@ -321,7 +336,7 @@ def _prunable_numels(ckpt: Checkpoint, trust_pickle: bool) -> dict[str, int]:
         try:
             with torch.device("meta"):
                 model = build_reference(ckpt, trust_pickle)
-                conform_to_state_dict(model, ckpt.state_dict)
+                conform_to_state_dict(model, ckpt.state_dict, ckpt.arch.get("resized"))
         except Exception:  # noqa: BLE001 - fall back to the ordinary build, which reports errors properly
             model = None
     if model is None:
@@ -372,26 +387,29 @@ def _plain_target(v):
 
 def _structured_choices(model, graph, cfg: PruneConfig) -> tuple[list[LayerChoice], dict[str, str]]:
     """One choice per group (named by its first producer); notes for groups left alone."""
-    from torch import nn
-
-    want = "linear" if cfg.method == "neuron" else "conv"
-    numel = {}
+    want = {"neuron": ("linear",), "filter": ("conv",), "channel": ("conv",),
+            "group": ("conv", "linear", "heads", "mixed")}[cfg.method]
+    sizes = {}
     for g in graph.groups:
-        numel[g.producers[0]] = sum(model.get_submodule(p).weight.numel() for p in g.producers)
-    # Regexes are checked against every Linear/Conv layer, so a regex naming a coupled layer counts.
-    all_layers = {p: model.get_submodule(p).weight.numel() for g in graph.groups for p in g.producers}
-    choices_all = choose_layers(all_layers, cfg.model_copy(update={"min_weights": 0}))
-    by_layer = {c.name: c for c in choices_all}
+        for p in g.producers:
+            sizes[p] = _producer_numel(model, p)
+    # --exclude may also name modules that are not producers (kept whole, not traced into); each must name something.
+    modules = [n for n, _ in model.named_modules() if n]
+    for rx in cfg.exclude:
+        if not any(re.search(rx, n) for n in modules):
+            raise UsageError(f"--exclude {rx!r} matches no module of the model (layers: {_some(sizes)})")
+    excl = [rx for rx in cfg.exclude if any(_hits(re.compile(rx), p) for p in sizes)]
+    # Regexes are checked against every producer, so a regex naming a coupled layer counts.
+    by_layer = {c.name: c for c in choose_layers(sizes, cfg.model_copy(update={"min_weights": 0, "exclude": excl}))} \
+        if sizes else {}
     out, notes = [], {}
     for g in graph.groups:
-        head = g.producers[0]
-        mods = [model.get_submodule(p) for p in g.producers]
-        kind_ok = all(isinstance(m, nn.Linear) for m in mods) if want == "linear" else all(isinstance(m, nn.Conv2d) for m in mods)
+        head = g.name
         if g.blocked:
             notes[head] = f"kept: {g.blocked}"
             continue
-        if not kind_ok:
-            notes[head] = f"not a {'Linear' if want == 'linear' else 'Conv2d'} layer"
+        if g.what not in want:
+            notes[head] = f"not a {'Linear' if want == ('linear',) else 'conv'} layer"
             continue
         cs = [by_layer[p] for p in g.producers]
         if any(c.note == "excluded" for c in cs):
@@ -400,71 +418,115 @@ def _structured_choices(model, graph, cfg: PruneConfig) -> tuple[list[LayerChoic
         ov = [c for c in cs if c.note.startswith("--layer")]
         if ov:
             out.append(LayerChoice(head, ov[-1].value, "layer" if ov[-1].value is not None else "", ov[-1].note))
-        elif numel[head] < cfg.min_weights:
+        elif sum(sizes[p] for p in g.producers) < cfg.min_weights:
             out.append(LayerChoice(head, None, "", f"tiny (< {cfg.min_weights} weights)"))
         else:
             out.append(LayerChoice(head, cfg.sparsity, "layer"))
     if not any(c.value is not None for c in out):
-        kind = "Linear" if want == "linear" else "Conv2d"
+        kind = {"neuron": "Linear", "filter": "Conv2d", "channel": "Conv2d", "group": "prunable"}[cfg.method]
         raise UsageError(f"--method {cfg.method}: no {kind} layer can lose units "
                          f"({'; '.join(f'{k}: {v}' for k, v in list(notes.items())[:3]) or 'all excluded'})"
-                         + (" - use --method filter or channel for conv layers" if want == "linear" and not out else "")
-                         + (" - use --method neuron for Linear layers" if want == "conv" and not out else ""))
+                         + (" - use --method filter, channel or group" if cfg.method == "neuron" and not out else "")
+                         + (" - use --method neuron or group" if cfg.method in ("filter", "channel") and not out else ""))
     return out, notes
 
 
-def _prune_structured_round(ckpt: Checkpoint, cfg: PruneConfig, frac: float, orig: dict[str, int],
-                            trust: bool) -> tuple[Checkpoint, list[LayerChoice], dict[str, str]]:
-    from dcomp.compressors.structured import shrink_checkpoint, top_units, trace_dependencies, unit_scores
+def _producer_numel(model, name: str) -> int:
+    if name.endswith(":heads"):
+        m = model.get_submodule(name[:-len(":heads")])
+        w = getattr(m, "in_proj_weight", None)
+        if w is None and hasattr(m, "qkv"):
+            w = m.qkv.weight
+        return int(w.numel()) if w is not None else 0
+    w = getattr(model.get_submodule(name), "weight", None)
+    return int(w.numel()) if w is not None else 0
 
-    model = ckpt.build_model(trust_pickle=trust)
-    graph = trace_dependencies(model, ckpt.input_shape)
+
+def _prune_structured_round(ckpt: Checkpoint, cfg: PruneConfig, frac: float, orig: dict[str, int],
+                            trust: bool, data=None, built=None) -> tuple[Checkpoint, list[LayerChoice], dict[str, str]]:
+    from dcomp.compressors.graph import analyse, choose, shrink_checkpoint, taylor_gradients, unit_scores
+
+    if built is not None:   # the model and graph of this very checkpoint, already made
+        model, graph = built
+    else:
+        model = ckpt.build_model(trust_pickle=trust)
+        graph = analyse(model, ckpt.input_shape, exclude=cfg.exclude)
     choices, notes = _structured_choices(model, graph, cfg)
-    keep = {}
+    importance = cfg.importance or IMPORTANCE_OF[cfg.method]
+    grads = None
+    if importance == "taylor":
+        if data is None:
+            raise UsageError("--importance taylor scores units by gradients on training data: give --data")
+        grads = taylor_gradients(model, data.x_train[:cfg.taylor_samples], data.y_train[:cfg.taylor_samples])
+    scores = unit_scores(model, graph, importance, grads)
+    keep: dict[int, int] = {}
     for c in choices:
         if c.value is None:
             continue
-        g = graph.group(c.name)
+        gi = graph.group_of[c.name]
+        g = graph.groups[gi]
         c0 = orig.get(c.name, g.channels)
-        n_keep = max(1, c0 - prune_count(c0, float(c.value) * frac))
-        if n_keep < g.channels:
-            keep[c.name] = top_units(unit_scores(model, g, cfg.method), n_keep)
-    if not keep:
+        n_keep = c0 - prune_count(c0, float(c.value) * frac)
+        if n_keep < 1:
+            notes[c.name] = "keeps 1 unit (the ratio would leave none)"
+        keep[gi] = max(1, n_keep)
+    ratios = {gi: 1.0 - k / graph.groups[gi].channels for gi, k in keep.items()}
+    removed, cnotes = choose(graph, scores, ratios, global_rank=cfg.global_rank)
+    for gi, note in cnotes.items():
+        notes[graph.groups[gi].name] = note
+    if not bool(removed.any()):
         return ckpt.copy(), choices, notes
-    out, _ = shrink_checkpoint(ckpt, keep, model=model, graph=graph)
+    out, _ = shrink_checkpoint(ckpt, model=model, graph=graph, removed=removed)
     return out, choices, notes
 
 
 def _structured_report(before: Checkpoint, after: Checkpoint, groups_before, trust: bool) -> tuple[list[dict], dict]:
-    from torch import nn
+    from dcomp.compressors.graph.macs import count_macs
 
     rows = []
     model_b = before.build_model(trust_pickle=trust)
+    model_a = after.build_model(trust_pickle=trust)
     for g in groups_before:
         for p in g.producers:
-            wb = before.state_dict[f"{p}.weight"]
-            wa = after.state_dict[f"{p}.weight"]
-            rows.append({"layer": p, "shape_before": list(wb.shape), "shape_after": list(wa.shape),
-                         "units_before": int(wb.shape[0]), "units_after": int(wa.shape[0]),
+            if p.endswith(":heads"):
+                mod = p[:-len(":heads")]
+                hb, ha = model_b.get_submodule(mod).num_heads, model_a.get_submodule(mod).num_heads
+                rows.append({"layer": p, "group": g.name, "shape_before": [hb], "shape_after": [ha], "units_before": hb,
+                             "units_after": ha,
+                             "weights_before": _producer_numel(model_b, p), "weights_after": _producer_numel(model_a, p),
+                             "note": g.blocked and "kept: " + g.blocked or ""})
+                continue
+            wb = before.state_dict.get(f"{p}.weight")
+            wa = after.state_dict.get(f"{p}.weight")
+            if wb is None or wa is None:
+                continue
+            dim = 1 if isinstance(model_b.get_submodule(p), nn.modules.conv._ConvTransposeNd) else 0
+            rows.append({"layer": p, "group": g.name, "shape_before": list(wb.shape), "shape_after": list(wa.shape),
+                         "units_before": int(wb.shape[dim]), "units_after": int(wa.shape[dim]),
                          "weights_before": wb.numel(), "weights_after": wa.numel(),
                          "note": g.blocked and "kept: " + g.blocked or ""})
 
-    def count(ck, types):
-        m = ck.build_model(trust_pickle=trust) if ck is not before else model_b
-        return sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, types))
+    def count(m, types):
+        return sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, types) and mod.weight is not None)
 
+    conv = nn.modules.conv._ConvNd
     overall = {"params_before": before.param_count(), "params_after": after.param_count(),
-               "conv_weights_before": count(before, nn.Conv2d), "conv_weights_after": count(after, nn.Conv2d),
-               "linear_weights_before": count(before, nn.Linear), "linear_weights_after": count(after, nn.Linear)}
+               "conv_weights_before": count(model_b, conv), "conv_weights_after": count(model_a, conv),
+               "linear_weights_before": count(model_b, nn.Linear), "linear_weights_after": count(model_a, nn.Linear)}
     overall["param_ratio"] = overall["params_after"] / max(overall["params_before"], 1)
     if overall["conv_weights_before"]:
         overall["conv_ratio"] = overall["conv_weights_after"] / overall["conv_weights_before"]
+    try:
+        overall["macs_before"] = count_macs(model_b, before.input_shape)[0]
+        overall["macs_after"] = count_macs(model_a, after.input_shape)[0]
+    except Exception:  # noqa: BLE001 - counting is a report, never a reason to fail the prune
+        pass
     return rows, overall
 
 
 def _recalibrate(ckpt: Checkpoint, data, samples: int, trust: bool) -> Checkpoint | None:
     """A copy of ``ckpt`` with BatchNorm statistics re-estimated on training data; None without BatchNorm."""
-    from dcomp.compressors.structured import recalibrate_batchnorm
+    from dcomp.compressors.graph import recalibrate_batchnorm
 
     model = ckpt.build_model(trust_pickle=trust)
     if isinstance(model, torch.jit.ScriptModule):
@@ -511,15 +573,18 @@ def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = N
     structured = cfg.method in STRUCTURED
 
     # Decide the layers first: bad regexes fail before any work.
+    built = None
     if structured:
-        from dcomp.compressors.structured import check_shrinkable, trace_dependencies
+        from dcomp.compressors.graph import analyse, check_shrinkable
 
         check_shrinkable(ckpt)
+        if (cfg.importance or IMPORTANCE_OF[cfg.method]) == "taylor" and ctx.data is None:
+            raise UsageError("--importance taylor scores units by gradients on training data: give --data")
         model = ckpt.build_model(trust_pickle=trust)
-        graph0 = trace_dependencies(model, ckpt.input_shape)
+        graph0 = analyse(model, ckpt.input_shape, exclude=cfg.exclude)
         choices, notes = _structured_choices(model, graph0, cfg)
-        orig = {g.producers[0]: g.channels for g in graph0.groups}
-        del model
+        orig = {g.name: g.channels for g in graph0.groups}
+        built = (model, graph0)
     else:
         numels = _prunable_numels(ckpt, trust)
         choices = choose_layers(numels, cfg)
@@ -533,7 +598,8 @@ def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = N
     for i in range(1, cfg.rounds + 1):
         frac = schedule_fraction(i, cfg.rounds, cfg.schedule)
         if structured:
-            out, _, notes = _prune_structured_round(out, cfg, frac, orig, trust)
+            out, _, notes = _prune_structured_round(out, cfg, frac, orig, trust, ctx.data, built if i == 1 else None)
+            built = None
         else:
             out, notes = _prune_unstructured_round(out, choices, cfg, frac)
         rec: dict[str, Any] = {"round": i, "fraction_of_target": frac}
@@ -563,9 +629,10 @@ def apply_prune(ckpt: Checkpoint, cfg: PruneConfig, ctx: StageContext | None = N
 
     if structured:
         rows, overall = _structured_report(ckpt, out, graph0.groups, trust)
+        overall["not_followed"] = [{"module": m, "op": op, "reason": why} for m, op, why in graph0.unfollowed]
         for r in rows:
-            r["note"] = r["note"] or notes.get(r["layer"], "") or next(
-                (c.note for c in choices if c.name == r["layer"]), "")
+            r["note"] = r["note"] or notes.get(r["group"], "") or next(
+                (c.note for c in choices if c.name == r["group"]), "")
     else:
         rows, overall = _unstructured_report(out, choices, notes)
     metrics: dict[str, Any] = {"method": cfg.method, "structured": structured, "target": _plain_target(cfg.target()),

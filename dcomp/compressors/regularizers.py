@@ -24,7 +24,7 @@ activation, which is what makes removing the unit exact for ReLU nets without no
 
 After training, ``group_removal`` finds groups whose norm fell below a threshold: units whose
 filter/row, or whose column in the next layer, is below it are removed STRUCTURALLY with
-``dcomp.compressors.structured.remove_units`` (a smaller model, not a mask); shape-wise groups
+``dcomp.compressors.graph.remove_units`` (a smaller model, not a mask); shape-wise groups
 below it are zeroed and masked (they do not remove a unit).
 """
 
@@ -311,11 +311,8 @@ def remove_groups(model: nn.Module, input_shape, threshold: float, kinds: list[s
     before = {n: _out_units(mm) for n, mm in model.named_modules() if isinstance(mm, LAYER_TYPES)}
     removed = {n: before[n] - int(k.numel()) for n, k in keep.items()}
     if keep:
-        try:
-            from dcomp.compressors.structured import remove_units
-        except ImportError:
-            raise DcompError("structural removal needs dcomp.compressors.structured.remove_units, which this "
-                             "build lacks; drop --remove-below to keep the regularised model dense") from None
+        from dcomp.compressors.graph import remove_units
+
         model = remove_units(model, keep, tuple(input_shape))
     return model, {"shape_masks": shape_masks, "units_removed": removed,
                    "shape_groups_zeroed": {n: int((~m[0]).sum()) for n, m in shape_masks.items()}}

@@ -119,7 +119,7 @@ def prunable_layers(ckpt: Checkpoint, trust: bool = False) -> dict[str, int]:
 def structured_layers(ckpt: Checkpoint, method: str, trust: bool = False) -> tuple[list[str], dict[str, str]]:
     """The unit groups (named by their first producer) ``method`` can shrink, and notes for the rest."""
     from dcomp.compressors.pruning import PruneConfig, _structured_choices
-    from dcomp.compressors.structured import check_shrinkable, trace_dependencies
+    from dcomp.compressors.graph import check_shrinkable, trace_dependencies
 
     check_shrinkable(ckpt)
     model = ckpt.build_model(trust_pickle=trust)

@@ -78,7 +78,7 @@ class Checkpoint:
         kind = self.arch.get("kind")
         if kind in REBUILDABLE_KINDS:  # original shapes (low-rank factors applied), then stored shapes
             model = build_reference(self, trust_pickle)
-            resized = conform_to_state_dict(model, self.state_dict)
+            resized = conform_to_state_dict(model, self.state_dict, self.arch.get("resized"))
         else:
             model = build_architecture(self.arch, self.input_shape, self.num_classes, trust_of(self, trust_pickle))
             resized = []

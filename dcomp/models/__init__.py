@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dcomp.errors import DcompError, UsageError
+from dcomp.errors import UsageError
 from dcomp.models import zoo
 from dcomp.models.arch import build_from_factory, import_factory  # noqa: F401 - moved there, names kept
 
@@ -37,51 +37,19 @@ def build_zoo(name: str, input_shape, num_classes: int, **kwargs) -> nn.Module:
         raise UsageError(f"bad --arch-kwargs for {name}: {e}") from None
 
 
-def conform_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Resize Linear / Conv / BatchNorm modules so their parameters match ``state_dict`` shapes.
+def conform_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], resized: dict | None = None) -> list[str]:
+    """Resize ``model`` in place so its parameters and buffers match ``state_dict`` shapes.
 
-    This is how a structurally pruned checkpoint rebuilds: the factory makes the original
-    architecture, then every layer whose stored weight is smaller is replaced by a new layer
-    of the stored size. Layers of other types with mismatched shapes are an error.
-    Returns the names of the resized layers.
+    This is how a structurally pruned checkpoint rebuilds: the builder makes the original
+    architecture, ``resized`` (the checkpoint's plain-data ``arch["resized"]``: attention heads,
+    sizes a forward uses as literals) is applied, then every tensor stored at another shape is
+    replaced by one of the stored shape and the module's attributes follow (in/out features and
+    channels, depthwise groups, normalized_shape, num_features, embed_dim); see
+    ``dcomp.compressors.graph.resize``. Returns the names of the resized modules.
     """
-    resized = []
-    for name, module in list(model.named_modules()):
-        prefix = f"{name}." if name else ""
-        w = state_dict.get(prefix + "weight")
-        if w is None or not hasattr(module, "weight") or module.weight is None:
-            continue
-        if tuple(module.weight.shape) == tuple(w.shape):
-            continue
-        new = _resized(module, w.shape, state_dict.get(prefix + "bias") is not None)
-        if new is None:
-            raise DcompError(
-                f"cannot rebuild layer {name!r} ({type(module).__name__}) at shape {list(w.shape)}: "
-                f"only Linear, Conv and BatchNorm layers can change size"
-            )
-        _set_submodule(model, name, new)
-        resized.append(name)
-    return resized
+    from dcomp.compressors.graph.resize import conform
 
-
-def _resized(m: nn.Module, shape, bias: bool) -> nn.Module | None:
-    if isinstance(m, nn.Linear):
-        return nn.Linear(shape[1], shape[0], bias=bias)
-    if isinstance(m, nn.Conv2d):
-        groups = m.groups
-        if groups != 1:
-            if groups == m.in_channels == m.out_channels and shape[1] == 1:  # depthwise
-                groups = shape[0]
-            else:
-                return None
-        return nn.Conv2d(shape[1] * groups, shape[0], m.kernel_size, m.stride, m.padding,
-                         m.dilation, groups, bias=bias, padding_mode=m.padding_mode)
-    if isinstance(m, nn.Conv1d) and m.groups == 1:
-        return nn.Conv1d(shape[1], shape[0], m.kernel_size, m.stride, m.padding, m.dilation, bias=bias)
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return type(m)(shape[0], eps=m.eps, momentum=m.momentum, affine=m.affine,
-                       track_running_stats=m.track_running_stats)
-    return None
+    return conform(model, state_dict, resized)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -91,7 +59,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Weights of Linear and Conv layers: the ones magnitude pruning and quantization act on.
+    """Weights of Linear and Conv layers and the q/k/v projections of nn.MultiheadAttention: the ones
+    magnitude pruning and quantization act on.
 
     Biases and normalisation parameters are never in this set.
     """
@@ -99,6 +68,12 @@ def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.weight is not None:
             out[f"{name}.weight" if name else "weight"] = m.weight
+        elif isinstance(m, nn.MultiheadAttention):
+            # the q/k/v projections are matrices like any Linear (the out_proj is an nn.Linear already)
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                p = getattr(m, attr, None)
+                if p is not None:
+                    out[f"{name}.{attr}" if name else attr] = p
     if not out and isinstance(model, torch.jit.ScriptModule):
         # TorchScript hides module types: fall back to the >=2-D parameters named *weight.
         for name, p in model.named_parameters():
