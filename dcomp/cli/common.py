@@ -50,6 +50,20 @@ def log(msg: str) -> None:
     console().print(msg)
 
 
+_output_notes: list[str] = []
+
+
+def note_for_output(msg: str) -> None:
+    """A note about the file this command writes: printed once it is written, so a command that
+    fails shows its one error line alone."""
+    _output_notes.append(msg)
+
+
+def _flush_output_notes() -> None:
+    while _output_notes:
+        log(_output_notes.pop(0))
+
+
 # ---- input ---------------------------------------------------------------------------------
 
 @dataclass
@@ -100,8 +114,10 @@ class Sink:
                 raise DcompError("stdout was closed before the output was written (the next command in the pipe "
                                  "stopped)") from None
             signals.committed()
+            _flush_output_notes()
             return "<stdout>"
         atomic_write(self.path, data, on_commit=signals.committed)
+        _flush_output_notes()
         return str(self.path)
 
 
@@ -197,7 +213,7 @@ def load_checkpoint(inp: Input, arch: str | None = None, arch_kwargs: str | None
     note = (ckpt.provenance[-1].get("params", {}).get("graph_note") if ckpt.provenance
             and ckpt.provenance[-1].get("stage") == "import" else None)
     if note and ckpt.arch.get("kind") in ("factory", "import"):
-        log(f"note: {arch} is stored as a reference, not as a graph ({note}); later commands on the "
+        note_for_output(f"note: {arch} is stored as a reference, not as a graph ({note}); later commands on the "
             f"output need --arch {arch} again (or --trust-pickle)")
     return ckpt
 

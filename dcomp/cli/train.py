@@ -46,7 +46,7 @@ def train(
         common.check_input_fits(model, ds.input_shape, common._data_words(ds.spec, resize))
         arch_d, note = arch_record(model, ds.input_shape, arch, kwargs)  # as data when it can: later commands import nothing
         if note:
-            common.log(f"note: {arch} is stored as a reference, not as a graph ({note}); later commands on the "
+            common.note_for_output(f"note: {arch} is stored as a reference, not as a graph ({note}); later commands on the "
                        f"output need --arch {arch} again (or --trust-pickle)")
     else:
         raise common.UsageError(f"unknown architecture {arch!r}: zoo models are {', '.join(ZOO)} (or use package.module:factory)")

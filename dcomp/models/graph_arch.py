@@ -138,6 +138,33 @@ _FUNCTION_NAMES: dict[int, str] = {}
 for _name, _fn in FUNCTIONS.items():
     _FUNCTION_NAMES.setdefault(id(_fn), _name)
 
+# torchvision library functions that torch.fx records as calls (torchvision wraps them with
+# torch.fx.wrap). Library code, not file code: looked up through dcomp.models.vision, and only
+# when a model or a description names one, so graph_arch itself never needs torchvision.
+_TORCHVISION_FUNCS = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": ("torchvision.ops.stochastic_depth", "stochastic_depth"),
+}
+
+
+def _torchvision_function(name: str) -> Any | None:
+    if name not in _TORCHVISION_FUNCS:
+        return None
+    import importlib
+
+    from dcomp.models.vision import import_torchvision
+
+    import_torchvision()
+    module, attr = _TORCHVISION_FUNCS[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def _function_name(fn: Any) -> str | None:
+    """The table name of a function a traced graph calls, or None when it is not on the lists."""
+    name = _FUNCTION_NAMES.get(id(fn))
+    if name is None and _qualname(fn) in _TORCHVISION_FUNCS and _torchvision_function(_qualname(fn)) is fn:
+        name = _qualname(fn)
+    return name
+
 
 # ---- names -------------------------------------------------------------------------------------
 
@@ -322,7 +349,7 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
         where = f"node {n.name}"
         entry: dict[str, Any] = {"name": n.name, "op": n.op}
         if n.op == "call_function":
-            target = _FUNCTION_NAMES.get(id(n.target))
+            target = _function_name(n.target)
             if target is None:
                 raise DescribeError(f"{where} calls {_qualname(n.target)}, which is not on dcomp's list of safe functions")
             if target == "builtins.getattr" and not (len(n.args) == 2 and n.args[1] in GETATTR_NAMES):
@@ -538,12 +565,12 @@ def _build_graph(nodes: list, root: nn.Module, leaves: set[str]) -> fx.Graph:
                 raise _fail(f"{where} calls {str(target)[:60]!r}, which is not a described leaf module")
             fn = target
         elif op == "call_function":
-            if target not in FUNCTIONS:
+            if target not in FUNCTIONS and target not in _TORCHVISION_FUNCS:
                 raise _fail(f"{where} calls {str(target)[:60]!r}, which is not on dcomp's list of safe functions")
             if target == "builtins.getattr" and not (len(args) == 2 and isinstance(args[0], fx.Node)
                                                      and args[1] in GETATTR_NAMES and not kwargs):
                 raise _fail(f"{where} reads an attribute that is not on dcomp's list")
-            fn = FUNCTIONS[target]
+            fn = FUNCTIONS[target] if target in FUNCTIONS else _torchvision_function(target)
         elif op == "call_method":
             if target not in TENSOR_METHODS:
                 raise _fail(f"{where} calls method {str(target)[:60]!r}, which is not on dcomp's list of tensor methods")
