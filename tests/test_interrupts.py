@@ -176,3 +176,23 @@ def test_two_runs_on_one_workdir(tmp_path, lenet_path):
     assert second.returncode == 1
     assert f"in use by another dcomp run (pid {first.pid})" in second.stderr.strip(), second.stderr
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_an_interrupt_wrapped_by_a_library_still_reads_as_interrupted(monkeypatch):
+    """pydantic turned a Ctrl-C that landed while it built a schema into 'internal error: SchemaError':
+    the CLI looks behind the error (its chain, else the signals received) and exits 130."""
+    from dcomp.cli import signals
+
+    monkeypatch.setattr(signals, "_received", [])
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("Error building `model` serializer:")
+    except RuntimeError as wrapped:
+        found = signals.interrupt_behind(wrapped)
+    assert isinstance(found, KeyboardInterrupt) and signals.exit_code(found) == 130
+    assert signals.interrupt_behind(ValueError("plain bug")) is None
+    monkeypatch.setattr(signals, "_received", [signal.SIGTERM])
+    cut = signals.interrupt_behind(ValueError("chain cut by a compiled library"))
+    assert signals.exit_code(cut) == 143

@@ -119,11 +119,16 @@ class DcompGroup(TyperGroup):
             err(signals.message(e))
             code = signals.exit_code(e)
         except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-            if debug:
-                traceback.print_exc()
-            first = (str(e).splitlines() or [""])[0]
-            err(f"error: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
-            code = 1
+            interrupt = signals.interrupt_behind(e)
+            if interrupt is not None:  # a library turned our KeyboardInterrupt into its own error
+                err(signals.message(interrupt))
+                code = signals.exit_code(interrupt)
+            else:
+                if debug:
+                    traceback.print_exc()
+                first = (str(e).splitlines() or [""])[0]
+                err(f"error: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
+                code = 1
         if standalone_mode:
             if code >= 128 and code - 128 in (2, 1, 15):  # after an interrupt: no interpreter shutdown
                 signals.exit_now(code)

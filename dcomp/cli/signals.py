@@ -30,6 +30,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _pending: list[int] = []
+_received: list[int] = []  # every signal that reached this process (libraries may hide the exception)
 
 
 def _torch_importing() -> bool:
@@ -47,6 +48,7 @@ def _unwind(signum: int):
 
 
 def _raise(signum, frame):
+    _received.append(signum)
     if _torch_importing():  # hold it; the SIGALRM below delivers it once the import is done
         _pending.append(signum)
         signal.setitimer(signal.ITIMER_REAL, 0.05)
@@ -105,6 +107,20 @@ def signum_of(e: BaseException) -> int:
 
 def exit_code(e: BaseException) -> int:
     return 128 + int(signum_of(e))
+
+
+def interrupt_behind(e: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt another exception was raised from or while handling (pydantic, for
+    one, wraps an interrupt that lands while it builds a schema into a SchemaError), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        e = e.__cause__ or e.__context__
+    if _received:  # the chain was cut (a compiled library re-raised without it), but a signal came
+        return KeyboardInterrupt() if _received[-1] == signal.SIGINT else Terminated(_received[-1])
+    return None
 
 
 def message(e: BaseException) -> str:
