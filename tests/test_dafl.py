@@ -305,3 +305,23 @@ def test_cli_distill_saves_a_generator_that_retrain_reuses(cli, lenet_path, tmp_
 
     prov = read_checkpoint(out.read_bytes()).provenance[-1]
     assert prov["params"]["dafl"]["generator"] == str(gen)
+
+
+def test_prune_without_batchnorm_never_reads_the_training_split(lenet_ckpt):
+    """A data-free recipe's prune stage used to touch x_train for BatchNorm re-estimation even on
+    a model without BatchNorm (so it needed recalibrate_bn: false)."""
+    from dcomp.compressors.pruning import PruneConfig, apply_prune
+    from dcomp.data import load_dataset
+    from dcomp.stages import StageContext
+
+    class TestOnly:
+        def __init__(self, ds):
+            self._ds = ds
+
+        def __getattr__(self, name):
+            if name in ("x_train", "y_train"):
+                raise AssertionError(f"the training split was read ({name})")
+            return getattr(self._ds, name)
+
+    out = apply_prune(lenet_ckpt, PruneConfig(sparsity=0.5), StageContext(data=TestOnly(load_dataset("digits"))))
+    assert out.checkpoint.nonzero_count() < lenet_ckpt.nonzero_count()

@@ -531,6 +531,8 @@ def _recalibrate(ckpt: Checkpoint, data, samples: int, trust: bool) -> Checkpoin
     model = ckpt.build_model(trust_pickle=trust)
     if isinstance(model, torch.jit.ScriptModule):
         return None
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None  # nothing to re-estimate: never touch the training split (data-free runs have none)
     if not recalibrate_batchnorm(model, data.x_train[:samples]):
         return None
     out = _shallow_copy(ckpt)
