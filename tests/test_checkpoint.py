@@ -75,3 +75,38 @@ def test_provenance_time_only_when_asked(lenet_ckpt, monkeypatch):
     monkeypatch.setenv("DCOMP_PROVENANCE_TIME", "1")
     ckpt.add_provenance("y")
     assert ckpt.provenance[-1]["time"].startswith("20")
+
+
+class _Versioned(torch.nn.Module):
+    """Like torchvision's MNASNet: refuses a state_dict whose metadata lacks its version."""
+
+    _version = 2
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError("version should be set to 1 or 2 instead of None")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_modules_that_check_their_version_rebuild_from_a_checkpoint(tmp_path):
+    """A checkpoint stores tensors, not torch's _metadata: the rebuild supplies the module versions
+    of the code that rebuilt it (torchvision's MNASNet failed with 'version should be set')."""
+    from dcomp.formats.checkpoint import Checkpoint
+
+    model = _Versioned().eval()
+    ck = Checkpoint(arch={"kind": "factory", "target": "tests.test_checkpoint:_Versioned", "kwargs": {}},
+                    state_dict={}, input_shape=[1, 8, 8], num_classes=10,
+                    trusted_refs=frozenset({"tests.test_checkpoint:_Versioned"}))
+    ck.update_from_model(model)
+    ck.save(tmp_path / "v.pt")
+    back = Checkpoint.from_dict(torch.load(tmp_path / "v.pt", weights_only=True))
+    back.trusted_refs = ck.trusted_refs
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(back.build_model()(x), model(x))

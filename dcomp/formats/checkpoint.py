@@ -83,7 +83,7 @@ class Checkpoint:
             model = build_architecture(self.arch, self.input_shape, self.num_classes, trust_of(self, trust_pickle))
             resized = []
         try:
-            model.load_state_dict(self.state_dict, strict=True)
+            model.load_state_dict(_with_versions(self.state_dict, model), strict=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise DcompError(f"weights do not fit the architecture: {' '.join(first[:2])}") from None
@@ -176,6 +176,22 @@ class Checkpoint:
         data = self.to_bytes()
         atomic_write(Path(path), data)
         return len(data)
+
+
+def _with_versions(state_dict: dict, model: nn.Module) -> dict:
+    """``state_dict`` carrying the module versions of the code that rebuilt ``model``.
+
+    A checkpoint stores tensors only, not torch's ``_metadata`` (per-module ``_version``); some
+    modules refuse a state_dict without it (torchvision's MNASNet: "version should be set to 1 or
+    2"). The model was just rebuilt by the same code, so its own versions are the right ones."""
+    from collections import OrderedDict
+
+    meta = getattr(model.state_dict(), "_metadata", None)
+    if meta is None:
+        return state_dict
+    out = OrderedDict(state_dict)
+    out._metadata = meta  # type: ignore[attr-defined]
+    return out
 
 
 def atomic_write(path: Path, data: bytes) -> None:
