@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dcomp.compressors import numba_disabled
+
 MAX_CODE_LEN = 15          # fits a 4-bit nibble
 MAX_BLOCK = 4096
 DEFAULT_BLOCK = 1024
@@ -438,10 +440,8 @@ _KERNEL: object = False
 def _numba_kernel():
     global _KERNEL
     if _KERNEL is False:
-        import os
-
         _KERNEL = None
-        if os.environ.get("DCOMP_NO_NUMBA", "").strip().lower() not in ("1", "true", "yes", "on"):
+        if not numba_disabled():
             try:
                 _KERNEL = _build_kernel()
             except Exception:  # noqa: BLE001 - numba missing or broken: use numpy

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+from dcomp.compressors import numba_disabled
 import torch
 
 from dcomp.errors import UsageError
@@ -201,10 +203,8 @@ _KERNELS: object = False
 def _kernels():
     global _KERNELS
     if _KERNELS is False:
-        import os
-
         _KERNELS = None
-        if os.environ.get("DCOMP_NO_NUMBA", "").strip().lower() not in ("1", "true", "yes", "on"):
+        if not numba_disabled():
             try:
                 _KERNELS = _build_kernels()
             except Exception:  # noqa: BLE001 - numba missing or broken: use numpy/torch

@@ -15,9 +15,10 @@ is defined by the spec, not by this code.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
+
+from dcomp.compressors import numba_disabled
 
 PRECISION = 15            # writer's choice of p: frequencies sum to 2^15
 MAX_PRECISION = 15        # a frequency of 2^p must fit the u16 table entry
@@ -108,7 +109,7 @@ def _kernels():
     global _KERNELS
     if _KERNELS is False:
         _KERNELS = None
-        if os.environ.get("DCOMP_NO_NUMBA", "").strip().lower() not in ("1", "true", "yes", "on"):
+        if not numba_disabled():
             try:
                 _KERNELS = _build()
             except Exception:  # noqa: BLE001 - numba missing or broken: the Python loop
