@@ -181,3 +181,14 @@ def test_recipe_validate_starts_without_torch(tmp_path):
           - {stage: bench, batches: [1]}
         """))
     assert not _imports_torch("recipe", "validate", recipe)
+
+
+def test_weights_that_do_not_fit_name_the_file(cli, lenet_ckpt, tmp_path):
+    """A checkpoint whose tensors no longer fit its architecture: the error says which file."""
+    bad = lenet_ckpt.copy()
+    bad.state_dict["fc1.weight"] = bad.state_dict["fc1.weight"][:, :10].clone()
+    bad.save(tmp_path / "edited.pt")
+    r = cli("eval", tmp_path / "edited.pt")
+    assert r.exit_code == 1
+    line = one_error_line(r)
+    assert "edited.pt: " in line and "do not fit" in line
