@@ -6,10 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dcomp.config.checks import compile_regex
+from dcomp.config.checks import check_excludes, check_layer_values
 from dcomp.config.train import TrainConfig
 
 KINDS = ("linear", "conv-channel", "conv-spatial")
+
+
+def _check_rank(r: int, what: str) -> None:
+    if int(r) < 1:
+        raise ValueError(f"{what}: rank must be at least 1, got {r}")
 
 
 class FactorizeConfig(BaseModel):
@@ -55,18 +60,12 @@ class FactorizeConfig(BaseModel):
     @field_validator("layers")
     @classmethod
     def _layers(cls, v: dict[str, int]):
-        for pattern, r in v.items():
-            compile_regex(pattern, "--layer")
-            if int(r) < 1:
-                raise ValueError(f"--layer {pattern!r}: rank must be at least 1, got {r}")
-        return v
+        return check_layer_values(v, _check_rank)
 
     @field_validator("exclude")
     @classmethod
     def _exclude(cls, v: list[str]):
-        for pattern in v:
-            compile_regex(pattern, "--exclude")
-        return v
+        return check_excludes(v)
 
     @model_validator(mode="after")
     def _one_rule(self):

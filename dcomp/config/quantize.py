@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dcomp.config.checks import compile_regex
+from dcomp.config.checks import check_excludes, check_layer_values
 from dcomp.config.train import TrainConfig
 
 MIN_BITS, MAX_BITS = 1, 16
@@ -60,17 +60,12 @@ class QuantizeConfig(BaseModel):
     @field_validator("layers")
     @classmethod
     def _layers(cls, v: dict[str, int]):
-        for pattern, b in v.items():
-            compile_regex(pattern, "--layer")
-            _check_bits(b, f"--layer {pattern!r}")
-        return v
+        return check_layer_values(v, _check_bits)
 
     @field_validator("exclude")
     @classmethod
     def _exclude(cls, v: list[str]):
-        for pattern in v:
-            compile_regex(pattern, "--exclude")
-        return v
+        return check_excludes(v)
 
     @field_validator("threshold")
     @classmethod
