@@ -399,7 +399,7 @@ def test_compressed_header_round_trip_and_size():
     assert header_json(data) == header_json(plain)  # the same JSON, only stored differently
     assert len(data) < len(plain) and data[report["header_bytes"]:] == plain[plain_report["header_bytes"]:]
     info = dcz.inspect_bytes(data)
-    assert info["version"] == "1.2" and info["provenance_stages"][-1] == "stage5"
+    assert info["version"] == f"1.{minor}" and info["provenance_stages"][-1] == "stage5"
 
 
 def test_tiny_header_stays_uncompressed_when_zlib_does_not_help(monkeypatch):
