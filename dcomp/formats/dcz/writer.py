@@ -24,6 +24,9 @@ from dcomp.formats.dcz.spec import (DTYPES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DT
 from dcomp.formats.dcz.summary import inspect_bytes
 
 
+CABAC_AUTO_BINS = 1 << 22    # ~0.1 s of cabac decoding per file (docs/bench/size.md)
+
+
 class PackConfig(BaseModel):
     """How ``pack`` encodes (every choice is recorded in the file, so reading needs none of it)."""
 
@@ -40,6 +43,12 @@ class PackConfig(BaseModel):
                             "(fixed width, Huffman, rANS, cabac), 'huffman' fixed width and Huffman (format 1.2, "
                             "what dcomp before 1.3 reads), 'rans' fixed width and rANS, 'cabac' fixed width and "
                             "the context-adaptive arithmetic coder (format 1.4)")
+    cabac_budget: int = Field(
+        CABAC_AUTO_BINS, ge=0,
+        description="with coder 'auto': at most this many cabac bins per file (a bin is one element of a "
+                    "significance-coded tensor, or one bit of a tree-coded symbol). Decoding costs ~25 ns per bin "
+                    "(docs/bench/size.md), against ~5 ns per parameter for torch.load of a dense checkpoint, so "
+                    "auto keeps large tensors on the fast coders; coder 'cabac' has no budget")
     block: int = Field(hf.DEFAULT_BLOCK, description="symbols per Huffman block")
     verify: bool = Field(True, description="decode the packed bytes and compare bit for bit")
     compress_header: bool = Field(True, description="store the header JSON zlib-compressed when that is smaller")
@@ -80,6 +89,13 @@ class _Sections:
         self.narrowed = False    # some record got "stored_dtype" (sets flags bit 1)
         self.ans = False         # some stream is rANS-coded (format 1.3)
         self.cabac = False       # some stream is cabac-coded (format 1.4)
+        self.cabac_bins = 0      # their decoding work (PackConfig.cabac_budget)
+
+    def budget(self, cfg: "PackConfig", *plans) -> int | None:
+        """cabac bins still allowed in this file (None: no limit), net of ``plans`` not yet written."""
+        if cfg.coder != "auto":
+            return None
+        return cfg.cabac_budget - self.cabac_bins - sum(getattr(p, "bins", 0) for p in plans)
 
     def add(self, data: bytes) -> int:
         self.parts.append(bytes(data))
@@ -92,6 +108,7 @@ class _AnsPlan:
     data: bytes
     rec: dict
     coding: str = "ans"
+    bins: int = 0            # cabac: binary decisions the decoder makes
 
 
 def coders(cfg: PackConfig) -> set[str]:
@@ -105,9 +122,10 @@ def coders(cfg: PackConfig) -> set[str]:
     return allowed
 
 
-def _plan(symbols: np.ndarray, alphabet: int, cfg: PackConfig, geom: tuple | None = None):
+def _plan(symbols: np.ndarray, alphabet: int, cfg: PackConfig, geom: tuple | None = None, budget: int | None = None):
     """The smallest section among the allowed coders for this stream. ``geom`` = (positions, numel,
-    cols) for a gap stream: the cabac significance model codes the positions instead."""
+    cols) for a gap stream: the cabac significance model codes the positions instead. ``budget``:
+    cabac bins still allowed (None: no limit)."""
     allowed = coders(cfg)
     counts = np.bincount(symbols, minlength=alphabet)
     plan = hf.plan_stream(counts, alphabet, cfg.block, "huffman" in allowed)
@@ -120,6 +138,9 @@ def _plan(symbols: np.ndarray, alphabet: int, cfg: PackConfig, geom: tuple | Non
                 plan = _AnsPlan(len(enc[0]), enc[0], enc[1])
     if "cabac" in allowed and len(symbols):
         for model in ((cabac.SIGNIFICANCE,) if geom is not None else ()) + (cabac.TREE, cabac.TREE_PREV):
+            bins = geom[1] if model == cabac.SIGNIFICANCE else len(symbols) * (alphabet.bit_length() - 1)
+            if budget is not None and bins > budget:
+                continue
             if model == cabac.SIGNIFICANCE:
                 pos, numel, cols = geom
                 data = cabac.encode_significance(pos, numel, cols)
@@ -128,7 +149,7 @@ def _plan(symbols: np.ndarray, alphabet: int, cfg: PackConfig, geom: tuple | Non
             else:
                 data, rec = cabac.encode_stream(symbols, alphabet, model)
             if len(data) < plan.nbytes:
-                plan = _AnsPlan(len(data), data, rec, "cabac")
+                plan = _AnsPlan(len(data), data, rec, "cabac", bins)
     return plan
 
 
@@ -138,6 +159,7 @@ def _stream(sec: _Sections, symbols: np.ndarray, alphabet: int, cfg: PackConfig,
     if isinstance(plan, _AnsPlan):
         if plan.coding == "cabac":
             sec.cabac = True
+            sec.cabac_bins += plan.bins
         else:
             sec.ans = True
         return {"section": sec.add(plan.data), **plan.rec}
@@ -225,7 +247,7 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
         pos = np.flatnonzero(support)
         k = cfg.index_bits_for(t)
         gaps = gap_symbols(pos, numel, k)
-        gplan = _plan(gaps, 1 << k, cfg, (pos, numel, cabac.matrix_cols(shape)))
+        gplan = _plan(gaps, 1 << k, cfg, (pos, numel, cabac.matrix_cols(shape)), sec.budget(cfg))
         side = 0 if support_is_mask else bitmap_cost
         vplan = None
         if qinfo is not None:
@@ -233,7 +255,7 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
             sa = af[pos]
             outside = af[~support]
             if (cbb[sa] == u[pos]).all():
-                vplan = _plan(sa, 1 << qbits, cfg)
+                vplan = _plan(sa, 1 << qbits, cfg, budget=sec.budget(cfg, gplan))
                 fill_ok = outside.size == 0 or (outside == outside[0]).all()
                 cost = gplan.nbytes + vplan.nbytes + cb_nbytes + side + (0 if fill_ok else af.size * q["assignments"].element_size())
                 if cost < best[1]:
@@ -247,7 +269,7 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
             cbb, af, qbits = qinfo
             if (cbb[af] == u).all():
                 allmask = mflat is not None and bool(mflat.all())
-                dplan = _plan(af, 1 << qbits, cfg)
+                dplan = _plan(af, 1 << qbits, cfg, budget=sec.budget(cfg))
                 cost = dplan.nbytes + cb_nbytes + (0 if allmask else bitmap_cost)
                 if cost < best[1]:
                     best = ("codebook", cost, (dplan, allmask))
