@@ -294,3 +294,25 @@ def test_pack_coder_flags(tmp_path):
     assert r.exit_code == 2 and "--no-ans" in r.output
     r = CliRunner().invoke(app, ["pack", str(src), "-o", str(tmp_path / "y.dcz"), "--coder", "lzma"])
     assert r.exit_code == 2
+
+
+# ---- start-up: reading a header needs no torch (issue 19 item 4) -------------------------------------
+
+def test_importing_dcz_and_inspecting_a_file_does_not_import_torch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    f = tmp_path / "m.dcz"
+    f.write_bytes(dcz.pack(_ckpt(60, 100))[0])
+    code = ("import sys, dcomp.formats.dcz as d\n"
+            "assert 'torch' not in sys.modules, 'import'\n"
+            f"info = d.inspect_bytes(open({str(f)!r}, 'rb').read())\n"
+            "h = d.read_header(open(%r, 'rb').read())\n"
+            "assert 'torch' not in sys.modules, 'inspect'\n"
+            "assert info['layers'][0]['gaps']['coding'] == 'cabac'\n"
+            "d.read_bytes\n"
+            "assert 'torch' in sys.modules\n") % str(f)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr

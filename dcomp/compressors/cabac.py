@@ -423,10 +423,26 @@ def _kernels():
                 import numba
 
                 jit = numba.njit(cache=True, nogil=True)
-                _KERNELS = tuple(jit(f) for f in py)
-            except Exception:  # noqa: BLE001 - numba missing or broken: the Python loops
+                compiled = tuple(jit(f) for f in py)
+                _warm_up(compiled)     # compile now (or load the cache), so a failure falls back here
+                _KERNELS = compiled
+            except Exception:  # noqa: BLE001 - numba missing or broken (or instrumented code): the Python loops
                 _KERNELS = py
     return _KERNELS
+
+
+def _warm_up(k) -> None:
+    syms = np.array([1, 0, 1], dtype=np.int64)
+    out = np.empty(64, dtype=np.uint8)
+    for prev in (False, True):
+        j = k[0](syms, 1, prev, RATE_FAST, RATE_SLOW, out)
+        if k[1](np.frombuffer(out[:j].tobytes(), dtype=np.uint8), 3, 1, prev, RATE_FAST, RATE_SLOW, np.empty(3, dtype=np.int64)) != 0:
+            raise RuntimeError("cabac kernels do not round-trip")
+    flags = np.array([0, 1, 1, 0], dtype=np.uint8)
+    j = k[2](flags, 2, 2, RATE_FAST, RATE_SLOW, out)
+    st, nnz = k[3](np.frombuffer(out[:j].tobytes(), dtype=np.uint8), 2, 2, RATE_FAST, RATE_SLOW, np.empty(4, dtype=np.uint8), np.empty(4, dtype=np.int64))
+    if st != 0 or nnz != 2:
+        raise RuntimeError("cabac kernels do not round-trip")
 
 
 _ERRORS = {1: "cabac payload shorter than its 5 flush bytes",

@@ -19,7 +19,7 @@ def cabac_decode(data: bytes) -> None:
     c = Choices(data)
     model = c.pick([0, 1, 2, 2, 3, -1])
     a = 1 << (1 + c.int(16))
-    rows, cols = 1 + c.int(256), 1 + c.int(256)
+    rows, cols = 1 + c.int(64), 1 + c.int(64)
     numel = rows * cols if c.int(8) else 0
     k = 1 + c.int(16)
     count = c.pick([0, 1, 2, 7, 100, c.int(1 << 12), numel])

@@ -10,7 +10,7 @@ from dcomp.compressors import huffman as hf
 from dcomp.formats import limits as _limits
 from dcomp.formats.dcz import errors as E
 from dcomp.formats.dcz.header import _fail, _Header
-from dcomp.formats.dcz.spec import DTYPES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DTYPE, FLOATS, STORED_DTYPES, _numel
+from dcomp.formats.dcz.spec import SIZES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DTYPE, FLOATS, STORED_DTYPES, _numel
 
 
 class _Reader:
@@ -103,9 +103,9 @@ class _Reader:
         name, dt, shape, enc = t["name"], t["dtype"], t["shape"], t["encoding"]
         what = f"tensor {name}"
         numel = _numel(shape)
-        size = DTYPES[dt][1]
+        size = SIZES[dt]
         if enc == "raw":
-            self.section(t["section"], what, numel * DTYPES[self.stored(t, dt, what)][1])
+            self.section(t["section"], what, numel * SIZES[self.stored(t, dt, what)])
             self.claim(what, numel * size)
             return
         if "stored_dtype" in t:
@@ -130,7 +130,7 @@ class _Reader:
             if v["kind"] != "codebook":
                 raise self.fail(what, "encoding codebook needs codebook values")
             nnz = numel
-        vsize = DTYPES[self.stored(v, dt, what)][1]
+        vsize = SIZES[self.stored(v, dt, what)]
         if v["kind"] == "raw":
             self.section(v["section"], what + " values", nnz * vsize)
         else:
@@ -143,8 +143,8 @@ class _Reader:
 
     def raw_ref(self, r: dict, what: str) -> int:
         numel = _numel(r["shape"])
-        n = numel * DTYPES[r["dtype"]][1]
-        self.section(r["section"], what, numel * DTYPES[self.stored(r, r["dtype"], what)][1])
+        n = numel * SIZES[r["dtype"]]
+        self.section(r["section"], what, numel * SIZES[self.stored(r, r["dtype"], what)])
         self.claim(what, n)
         return n
 
@@ -179,12 +179,12 @@ def _check_claims(data: bytes, hdr: _Header, source: str, max_bytes: int | None 
                 if not shared:
                     raise rd.fail(what, f"{key} comes from the tensor's values, but tensor {name} has no codebook")
                 if key == "assignments":
-                    if DTYPES[r["dtype"]][0].is_floating_point or r["dtype"] == "bool" \
+                    if r["dtype"] in FLOATS or r["dtype"] == "bool" \
                             or r["fill"] >= 1 << t["values"]["bits"]:
                         raise rd.fail(what, "assignments need an integer dtype and a fill index below 2^bits")
                     if r["fill"] > _int_max(r["dtype"]):
                         raise rd.fail(what, f"assignments fill {r['fill']} does not fit dtype {r['dtype']}")
-                    rd.claim(what, _numel(t["shape"]) * DTYPES[r["dtype"]][1])
+                    rd.claim(what, _numel(t["shape"]) * SIZES[r["dtype"]])
             else:
                 rd.raw_ref(r, f"{what} {key}")
     arch = h["arch"]

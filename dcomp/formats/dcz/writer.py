@@ -19,7 +19,7 @@ from dcomp.errors import FormatError
 from dcomp.formats import DCZ_MAGIC
 from dcomp.formats.checkpoint import Checkpoint
 from dcomp.formats.dcz.reader import read_bytes
-from dcomp.formats.dcz.spec import (DTYPES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, MAJOR, MINOR, _NAME_OF,
+from dcomp.formats.dcz.spec import (DTYPES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, MAJOR, MINOR, _name_of,
                                     _align, _bits, _dtype_name, _half_bits, gap_symbols)
 from dcomp.formats.dcz.summary import inspect_bytes
 
@@ -179,7 +179,7 @@ def _quant_ok(q: dict, t: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int] | 
         return None
     if cb.dtype != t.dtype or cb.dim() != 1 or not 1 <= cb.numel() <= (1 << bits):
         return None
-    if a.shape != t.shape or a.dtype.is_floating_point or a.dtype == torch.bool or _NAME_OF.get(a.dtype) is None:
+    if a.shape != t.shape or a.dtype.is_floating_point or a.dtype == torch.bool or _name_of(a.dtype) is None:
         return None
     af = a.detach().reshape(-1).to(torch.int64).numpy()
     if af.size and (af.min() < 0 or af.max() >= (1 << bits)):
