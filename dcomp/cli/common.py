@@ -368,19 +368,30 @@ def with_train_options(exclude: tuple[str, ...] = (), **defaults):
 
 def train_config(**values):
     """Build a TrainConfig from CLI option values, turning validation errors into one line."""
-    from pydantic import ValidationError
-
     from dcomp.config.train import TrainConfig
 
+    return build_config(TrainConfig, **values)
+
+
+def build_config(cls, **values):
+    """A stage's option class built from CLI option values; a validation error becomes one
+    usage line naming the option (``pydantic_message``)."""
+    from pydantic import ValidationError
+
     try:
-        return TrainConfig(**values)
+        return cls(**values)
     except ValidationError as e:
         raise UsageError(pydantic_message(e)) from None
 
 
 def pydantic_message(e) -> str:
+    """One line from a ValidationError: our validators' messages name their option already
+    (they start with "--") or concern the whole config (no location); pydantic's own type and
+    range errors get "--option: ... (got value)"."""
     err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "value"
     msg = str(err["msg"]).removeprefix("Value error, ")
-    got = "" if "got" in msg else f" (got {err.get('input')!r})"
-    return f"--{where.replace('_', '-')}: {msg}{got}"
+    loc = [str(p) for p in err["loc"] if str(p) != "retrain"]
+    if msg.startswith("-") or not loc:
+        return msg
+    got = "" if "got" in msg or err["type"] == "value_error" else f" (got {err.get('input')!r})"
+    return f"--{'.'.join(loc).replace('_', '-')}: {msg}{got}"

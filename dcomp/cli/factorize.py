@@ -45,17 +45,13 @@ def factorize(
     resize: ResizeOpt = None,
     train_opts: dict | None = None,
 ):
-    from pydantic import ValidationError
-
-    from dcomp.compressors.lowrank import FactorizeConfig, apply_factorize, config_error, parse_layer_ranks
+    from dcomp.compressors.lowrank import FactorizeConfig, apply_factorize, parse_layer_ranks
     from dcomp.stages import StageContext
 
     finetune = common.train_config(epochs=finetune_epochs, **train_opts) if finetune_epochs > 0 else None
-    try:
-        cfg = FactorizeConfig(rank=rank, energy=energy, ratio=ratio, layers=parse_layer_ranks(layer or []),
-                              exclude=list(exclude or []), conv=conv, force=force, finetune=finetune)
-    except ValidationError as e:
-        raise common.UsageError(config_error(e)) from None
+    cfg = common.build_config(FactorizeConfig, rank=rank, energy=energy, ratio=ratio,
+                              layers=parse_layer_ranks(layer or []), exclude=list(exclude or []), conv=conv,
+                              force=force, finetune=finetune)
 
     inp = common.read_input(model)
     sink = common.plan_output(output, inp)

@@ -60,9 +60,7 @@ def prune(
     arch_kwargs: ArchKwargsOpt = None,
     train_opts: dict | None = None,
 ):
-    from pydantic import ValidationError
-
-    from dcomp.compressors.pruning import PruneConfig, apply_prune, config_error
+    from dcomp.compressors.pruning import PruneConfig, apply_prune
     from dcomp.stages import StageContext
 
     overrides: dict[str, str] = {}
@@ -74,13 +72,10 @@ def prune(
     retrain_cfg = None
     if epochs_per_round > 0:
         retrain_cfg = common.train_config(epochs=epochs_per_round, **train_opts)
-    try:
-        cfg = PruneConfig(method=method, sparsity=sparsity, quality=quality, nm=nm, layers=overrides,
-                          exclude=list(exclude or []), min_weights=min_weights, rounds=rounds, schedule=schedule,
-                          retrain=retrain_cfg, recalibrate_bn=recalibrate_bn, importance=importance,
-                          global_rank=global_rank, max_drop=max_drop, sweep=sweep)
-    except ValidationError as e:
-        raise UsageError(config_error(e)) from None
+    cfg = common.build_config(PruneConfig, method=method, sparsity=sparsity, quality=quality, nm=nm, layers=overrides,
+                              exclude=list(exclude or []), min_weights=min_weights, rounds=rounds,
+                              schedule=schedule, retrain=retrain_cfg, recalibrate_bn=recalibrate_bn,
+                              importance=importance, global_rank=global_rank, max_drop=max_drop, sweep=sweep)
 
     inp = common.read_input(model)
     sink = common.plan_output(output, inp)

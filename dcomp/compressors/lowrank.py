@@ -58,15 +58,6 @@ def parse_layer_ranks(specs: list[str]) -> dict[str, int]:
     return out
 
 
-def config_error(e) -> str:
-    err = e.errors()[0]
-    msg = str(err.get("msg", "")).removeprefix("Value error, ")
-    if err.get("type") == "value_error":
-        return msg
-    loc = [str(p) for p in err.get("loc", ())]
-    return f"--{loc[0].replace('_', '-')}: {msg}" if loc else msg
-
-
 # ---- the linear algebra -----------------------------------------------------------------------------
 
 def _matrix(weight: torch.Tensor, kind: str) -> torch.Tensor:

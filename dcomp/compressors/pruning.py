@@ -47,16 +47,6 @@ from dcomp.formats.checkpoint import Checkpoint
 from dcomp.stages import StageContext, StageResult
 
 
-def config_error(e) -> str:
-    """One line from a pydantic ValidationError of PruneConfig."""
-    err = e.errors()[0]
-    msg = str(err.get("msg", "")).removeprefix("Value error, ")
-    loc = [str(p) for p in err.get("loc", ()) if str(p) != "retrain"]
-    if loc and not msg.startswith("-"):
-        return f"--{loc[0].replace('_', '-')}: {msg}"
-    return msg
-
-
 # ---- choosing layers -----------------------------------------------------------------------------
 
 def _hits(rx: re.Pattern, param: str) -> bool:
