@@ -307,8 +307,8 @@ def _sig_encode(flags, rows, cols, rf, rs, out):  # pragma: no cover - compiled
 
 
 def _sig_decode(buf, rows, cols, rf, rs, flags, pos_out):  # pragma: no cover - compiled
-    """flags: uint8 scratch of rows*cols (written); pos_out: room for the nonzero positions.
-    Returns (status, nnz); status 5: more nonzeros than pos_out holds."""
+    """flags: uint8 scratch of ``cols`` (the row above, then this row); pos_out: room for the nonzero
+    positions. Returns (status, nnz); status 5: more nonzeros than pos_out holds."""
     n = buf.shape[0]
     if n < FLUSH:
         return 1, 0
@@ -332,7 +332,7 @@ def _sig_decode(buf, rows, cols, rf, rs, flags, pos_out):  # pragma: no cover - 
         rowcnt = 0
         left = 0
         for col in range(cols):
-            above = int(flags[i - cols]) if r > 0 else 0
+            above = int(flags[col])
             x = colcnt[col] * 32
             if r == 0:
                 cb = 0
@@ -399,7 +399,7 @@ def _sig_decode(buf, rows, cols, rf, rs, flags, pos_out):  # pragma: no cover - 
                 byte = int(buf[pos]) if pos < n else 0
                 code = (code << 8) | byte
                 pos += 1
-            flags[i] = bit
+            flags[col] = bit
             left = bit
             i += 1
     if pos > n:
@@ -440,7 +440,8 @@ def _warm_up(k) -> None:
             raise RuntimeError("cabac kernels do not round-trip")
     flags = np.array([0, 1, 1, 0], dtype=np.uint8)
     j = k[2](flags, 2, 2, RATE_FAST, RATE_SLOW, out)
-    st, nnz = k[3](np.frombuffer(out[:j].tobytes(), dtype=np.uint8), 2, 2, RATE_FAST, RATE_SLOW, np.empty(4, dtype=np.uint8), np.empty(4, dtype=np.int64))
+    st, nnz = k[3](np.frombuffer(out[:j].tobytes(), dtype=np.uint8), 2, 2, RATE_FAST, RATE_SLOW, np.zeros(2, dtype=np.uint8),
+                   np.empty(4, dtype=np.int64))
     if st != 0 or nnz != 2:
         raise RuntimeError("cabac kernels do not round-trip")
 
@@ -501,7 +502,7 @@ def decode_significance(payload, numel: int, cols: int, max_nnz: int) -> np.ndar
     """Positions of the nonzeros (sorted); at most ``max_nnz`` of them, else CabacError."""
     buf = np.frombuffer(payload, dtype=np.uint8)
     rows = numel // cols if cols else 0
-    flags = np.empty(numel, dtype=np.uint8)
+    flags = np.zeros(cols, dtype=np.uint8)
     pos = np.empty(min(max_nnz, numel), dtype=np.int64)
     st, nnz = _kernels()[3](buf, rows, cols, RATE_FAST, RATE_SLOW, flags, pos)
     if st:
