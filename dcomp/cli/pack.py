@@ -130,7 +130,7 @@ def _config(**values):
 
 
 def _stream_cell(s: dict | None) -> str:
-    """bits/symbol, then the entropy for Huffman streams (h), "a" for rANS or "f" for fixed width."""
+    """bits/symbol, then the entropy for Huffman streams (h), "a" for rANS, "c" for cabac or "f" for fixed width."""
     if not s or not s["count"]:
         return ""
     if s["coding"] == "ans":
@@ -148,7 +148,7 @@ def _render(c, report: dict, title: str) -> None:
     wide = c.width >= 140  # narrow terminals: totals and bits/symbol only (--json has every part)
     parts = ("indices", "values", "codebook", "tables", "other") if wide else ()
     t = Table(title=title, title_justify="left", box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD, pad_edge=wide, collapse_padding=not wide,
-              caption="b/sym: code bits per symbol" + (" / entropy (h: Huffman, f: fixed width)" if wide else
+              caption="b/sym: code bits per symbol" + (" / entropy (h: Huffman, f: fixed width, a: rANS, c: context-adaptive cabac)" if wide else
                                                       " of the index and value streams (--json: entropy)")
               + "; ratio: float32 dense bytes / packed bytes", caption_justify="left")
     streams = ["idx b/sym", "val b/sym"] if wide else ["b/sym"]

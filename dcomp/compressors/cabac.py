@@ -519,6 +519,15 @@ def encode_stream(symbols: np.ndarray, alphabet: int, model: int = TREE) -> tupl
     return data, rec
 
 
+def context_bytes(rec: dict, cols: int = 1) -> int:
+    """Bytes the decoder allocates for a stream's model state (context tables, and for the
+    significance model its per-column counts and row of flags): the reader claims them against its
+    decode limit before decoding, so many streams with large alphabets cannot cost unbounded work."""
+    if rec["model"] == SIGNIFICANCE:
+        return 24 * SIG_CONTEXTS + 9 * cols
+    return 24 * (rec["alphabet"] * (PREV_CLASSES if rec["model"] == TREE_PREV else 1))
+
+
 def check_record(rec: dict) -> None:
     """The "cabac" fields (count and alphabet are checked by the caller)."""
     m, b = rec.get("model"), rec.get("bytes")
