@@ -203,6 +203,91 @@ def stream_table(ckpt) -> list[dict]:
     return rows
 
 
+def adaptive_bits(bins, ctx) -> float:
+    """Ideal code length (bits) of a bin sequence under cabac's adaptive estimator (the coder itself
+    adds < 0.1% and 5 flush bytes): for comparing binarisations without writing a coder for each."""
+    from dcomp.compressors import cabac
+    p1, p2, n = {}, {}, {}
+    total = 0.0
+    one = cabac.ONE
+    for b, c in zip(bins, ctx):
+        a1, a2, k = p1.get(c, one >> 1), p2.get(c, one >> 1), n.get(c, 0)
+        p = min(max((a1 + 3 * a2) >> 2, cabac.PMIN), one - cabac.PMIN)
+        total -= np.log2(p / one if b else 1 - p / one)
+        rf, rs = int(cabac.RATE_FAST[k]), int(cabac.RATE_SLOW[k])
+        if b:
+            a1 += ((one - a1) * rf) >> 16
+            a2 += ((one - a2) * rs) >> 16
+        else:
+            a1 -= (a1 * rf) >> 16
+            a2 -= (a2 * rs) >> 16
+        p1[c], p2[c], n[c] = a1, a2, min(k + 1, 255)
+    return total
+
+
+def _tree_bins(a, bits, prev_ctx):
+    bins, ctx = [], []
+    prev = -1
+    for s in a:
+        base = 0 if not prev_ctx or prev < 0 else (1 + ((prev << 3) >> bits)) << bits
+        node = 1
+        for lvl in range(bits - 1, -1, -1):
+            b = (s >> lvl) & 1
+            bins.append(b)
+            ctx.append(base + node)
+            node = 2 * node + b
+        prev = s
+    return bins, ctx
+
+
+def _deepcabac_bins(a, zero, u):
+    """DeepCABAC-style binarisation of a sorted-codebook index: sign (context: previous sign), then
+    greater-than-k flags k < u (context: k and sign), then an Exp-Golomb-0 remainder (prefix bins
+    contexted by position, suffix bins in one context)."""
+    bins, ctx = [], []
+    prev_sign = 0
+    for s in a:
+        neg = int(s < zero)
+        m = (zero - 1 - s) if neg else (s - zero)
+        bins.append(neg)
+        ctx.append(("sign", prev_sign))
+        for k in range(u):
+            bins.append(int(m > k))
+            ctx.append(("gt", k, neg))
+            if m <= k:
+                break
+        if m >= u:
+            r = m - u + 1
+            nb = r.bit_length() - 1
+            bins += [1] * nb + [0]
+            ctx += [("eg", j) for j in range(nb + 1)]
+            bins += [(r >> j) & 1 for j in range(nb - 1, -1, -1)]
+            ctx += [("suffix",)] * nb
+        prev_sign = neg
+    return bins, ctx
+
+
+def binarisation_table(ckpt) -> list[str]:
+    """Codebook indices of the larger layers: the tree models cabac uses against a DeepCABAC-style
+    sign / greater-than-k / Exp-Golomb binarisation, same adaptive estimator (bits per non-zero)."""
+    rows = ["| tensor | non-zeros | tree | tree, previous symbol's octile | DeepCABAC-style u=1 | u=4 | u=8 |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, t in ckpt.state_dict.items():
+        q = ckpt.quant.get(name)
+        if q is None or t.dim() < 2:
+            continue
+        flat = t.reshape(-1).numpy() != 0
+        a = q["assignments"].reshape(-1).numpy().astype(np.int64)[flat].tolist()
+        if len(a) < 1000:
+            continue
+        bits = int(q["bits"])
+        zero = int(np.searchsorted(q["codebook"].numpy(), 0.0))
+        cells = [adaptive_bits(*_tree_bins(a, bits, False)), adaptive_bits(*_tree_bins(a, bits, True))]
+        cells += [adaptive_bits(*_deepcabac_bins(a, zero, u)) for u in (1, 4, 8)]
+        rows.append(f"| {name} | {len(a):,} | " + " | ".join(f"{c / len(a):.3f}" for c in cells) + " |")
+    return rows
+
+
 def bias_table(ckpt) -> list[str]:
     """quantize --bias-bits on the packed model: bias bytes, file bytes and test top-1 per setting."""
     from dcomp.compressors.quantization import quantize_biases, round_to_float16
@@ -230,6 +315,7 @@ def main() -> None:
     ap.add_argument("--reuse", help="work directory of an earlier run (skip training)")
     ap.add_argument("--keep", help="keep the work directory here")
     ap.add_argument("--no-bias-table", action="store_true")
+    ap.add_argument("--binarisation", action="store_true", help="only the codebook-index binarisation comparison")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(1)
@@ -246,6 +332,9 @@ def main() -> None:
         qfile = sorted((work / "run").glob("*-quantize.pt"))[-1]
         ckpt = read_checkpoint(qfile.read_bytes(), source=str(qfile))
         dense = sum(t.numel() * 4 for t in ckpt.state_dict.values())
+        if args.binarisation:
+            print("\n".join(binarisation_table(ckpt)))
+            return
         print(f"# {args.arch} on MNIST-10k; load average {os.getloadavg()[0]:.1f} "
               f"({os.cpu_count()} CPUs); epochs {EPOCHS}")
         print(f"top-1 dense {summary.get('top1_before', float('nan')):.2f}% -> packed "
