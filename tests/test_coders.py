@@ -80,3 +80,26 @@ def test_every_pack_coder_unpacks_bit_exactly(coder, name):
     for k, m in ck.masks.items():
         assert torch.equal(back.masks[k], m)
     assert dcz.write_bytes(back, dcz.PackConfig(coder=coder)) == data    # unpack -> pack gives the same bytes
+
+
+def test_a_compiled_kernel_that_fails_to_build_falls_back_to_the_reference(monkeypatch):
+    """numba may be unable to compile (a fuzzer's instrumented code, a broken install): decoding must
+    then use the numpy/Python reference and give the same checkpoint, not crash."""
+    from dcomp.formats.dcz import kernels
+
+    def broken(*args):
+        raise RuntimeError("cannot compile")
+    g = torch.Generator().manual_seed(3)
+    cb = torch.linspace(-1, 1, 8)
+    mask = torch.rand(40, 60, generator=g) < 0.2
+    a = torch.where(mask, torch.randint(0, 8, (40, 60), generator=g), torch.zeros((), dtype=torch.int64)).to(torch.uint8)
+    ck = Checkpoint(arch={"kind": "zoo", "name": "lenet-300-100", "kwargs": {}},
+                    state_dict={"w": torch.where(mask, cb[a.long()], torch.zeros(()))}, input_shape=[4], num_classes=2,
+                    masks={"w": mask}, quant={"w": {"bits": 3, "codebook": cb, "assignments": a}})
+    files = [dcz.pack(ck, dcz.PackConfig(coder=c))[0] for c in ("rans", "auto")]
+    monkeypatch.setattr(kernels, "_ASSEMBLE", broken)
+    monkeypatch.setattr(rans, "_KERNELS", (broken, broken))
+    for data in files:
+        back = dcz.read_bytes(data, "m.dcz")
+        assert torch.equal(back.state_dict["w"], ck.state_dict["w"]) and torch.equal(back.masks["w"], mask)
+        assert torch.equal(back.quant["w"]["assignments"], a)
