@@ -104,50 +104,187 @@ def breakdown(info: dict) -> dict:
 def pack_variants(ckpt) -> list[tuple[str, dict, bytes]]:
     from dcomp.formats import dcz
     out = []
-    fields = dcz.PackConfig.model_fields
-    variants = [("default (brief, best coder per stream)", {})]
-    if "provenance" in fields:
-        variants += [("provenance full", {"provenance": "full"}), ("provenance none", {"provenance": "none"})]
-    if "ans" in fields:
-        variants += [("brief, Huffman/fixed only (--no-ans)", {"ans": False}),
-                     ("none, Huffman/fixed only", {"ans": False, "provenance": "none"})]
+    variants = [("default: --coder auto (brief provenance)", {}),
+                ("provenance full", {"provenance": "full"}), ("provenance none", {"provenance": "none"}),
+                ("--coder huffman (format 1.2; was --no-ans)", {"coder": "huffman"}),
+                ("--coder rans (+ fixed)", {"coder": "rans"}),
+                ("--coder huffman + rANS (the 1.3 default)", {"coder": "auto", "cabac_budget": 0}),
+                ("--coder cabac (+ fixed)", {"coder": "cabac"})]
     for label, kw in variants:
         data, info = dcz.pack(ckpt, dcz.PackConfig(**kw))
         out.append((label, info, data))
     return out
 
 
+def _h(counts) -> float:
+    """Total Shannon information (bits) of a histogram."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n = counts.sum()
+    p = counts[counts > 0] / n
+    return float(-(counts[counts > 0] * np.log2(p)).sum())
+
+
+def _cond_h(x: np.ndarray, ctx: np.ndarray, k: int) -> float:
+    """Total conditional information (bits) of symbols ``x`` (< k) given integer contexts ``ctx``:
+    the cost of an ideal static coder with one free table per context."""
+    joint = np.bincount(ctx.astype(np.int64) * k + x, minlength=(int(ctx.max()) + 1) * k).reshape(-1, k)
+    return sum(_h(row) for row in joint if row.sum())
+
+
+def _bucket(cnt: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """The cabac significance model's density classes (dcomp/compressors/cabac.py)."""
+    x = cnt * 32
+    return np.select([seen == 0, x == 0, x < seen, x < 2 * seen, x < 4 * seen, x < 8 * seen, x < 16 * seen],
+                     [0, 1, 2, 3, 4, 5, 6], 7)
+
+
+def significance_contexts(flags2d: np.ndarray) -> np.ndarray:
+    """The cabac significance model's context of every element (left, above, column and row density)."""
+    f = flags2d.astype(np.int64)
+    r, c = f.shape
+    left = np.zeros_like(f)
+    left[:, 1:] = f[:, :-1]
+    above = np.zeros_like(f)
+    above[1:] = f[:-1]
+    colcnt = np.zeros_like(f)
+    colcnt[1:] = np.cumsum(f, 0)[:-1]
+    rowcnt = np.zeros_like(f)
+    rowcnt[:, 1:] = np.cumsum(f, 1)[:, :-1]
+    cb = _bucket(colcnt, np.repeat(np.arange(r)[:, None], c, 1))
+    rb = _bucket(rowcnt, np.repeat(np.arange(c)[None], r, 0))
+    return ((((left << 1) | above) << 6) | (cb << 3) | rb).reshape(-1)
+
+
 def stream_table(ckpt) -> list[dict]:
-    """Bits per symbol of each coder on the gap and codebook-index streams of every sparse weight."""
+    """Bits per non-zero weight of each coder on the positions (gap stream / significance map) and the
+    codebook indices of every sparse weight, against the Shannon bounds: order-0 (the stream's
+    empirical entropy: an ideal static i.i.d. coder with a free table) and the context model's (the
+    empirical conditional entropy given cabac's contexts: an ideal static coder with a free table per
+    context; an adaptive coder can beat it where the statistics drift)."""
+    from dcomp.compressors import cabac
     from dcomp.compressors import huffman as hf
+    from dcomp.compressors import rans
     from dcomp.formats.dcz.spec import _bits, gap_symbols
-    try:
-        from dcomp.compressors import rans
-    except ImportError:
-        rans = None
     rows = []
     for name, t in ckpt.state_dict.items():
         if t.dim() < 2:
             continue
         u = _bits(t)
+        numel = u.size
         pos = np.flatnonzero(u != 0)
+        nnz = len(pos)
+        k = 8 if t.dim() >= 3 else 5           # PackConfig's default gap widths (conv 8, fc 5)
+        gaps = gap_symbols(pos, numel, k)
+        cols = cabac.matrix_cols(list(t.shape))
+        flags = np.zeros(numel, dtype=np.int64)
+        flags[pos] = 1
         q = ckpt.quant.get(name)
-        streams = [("gaps", gap_symbols(pos, u.size, 5), 32)]
+        streams = [("positions", gaps, 1 << k, _cond_h(flags, significance_contexts(flags.reshape(-1, cols)), 2),
+                    len(cabac.encode_significance(pos, numel, cols)))]
         if q is not None:
             bits = int(q["bits"])
-            streams.append(("indices", q["assignments"].reshape(-1).numpy().astype(np.int64)[pos], 1 << bits))
-        for kind, syms, alphabet in streams:
-            n = len(syms)
+            a = q["assignments"].reshape(-1).numpy().astype(np.int64)[pos]
+            prev = np.concatenate([[-1], a[:-1]])
+            pctx = np.where(prev < 0, 0, 1 + ((prev << 3) >> bits))
+            streams.append(("indices", a, 1 << bits, _cond_h(a, pctx, 1 << bits),
+                            min(len(cabac.encode_tree(a, 1 << bits, m)) for m in (cabac.TREE, cabac.TREE_PREV))))
+        for kind, syms, alphabet, ctx_bits, cabac_bytes in streams:
             counts = np.bincount(syms, minlength=alphabet)
-            p = counts[counts > 0] / n
-            h = float(-(p * np.log2(p)).sum())
             huff = hf.plan_stream(counts, alphabet, hf.DEFAULT_BLOCK, True)
             fixed = hf.plan_stream(counts, alphabet, hf.DEFAULT_BLOCK, False)
-            row = {"tensor": name, "stream": kind, "symbols": n, "nnz": len(pos), "entropy": h,
-                   "fixed": 8 * fixed.nbytes / n, "huffman": 8 * huff.nbytes / n}
-            if rans is not None:
-                row["rans"] = 8 * len(rans.encode(syms, alphabet)) / n
+            enc = rans.encode_stream(syms, alphabet, counts) if len(syms) else None
+            row = {"tensor": name, "stream": kind, "nnz": nnz, "symbols": len(syms),
+                   "order0": _h(counts) / nnz, "context": ctx_bits / nnz,
+                   "fixed": 8 * fixed.nbytes / nnz, "huffman": 8 * huff.nbytes / nnz,
+                   "rans": 8 * len(enc[0]) / nnz if enc else float("nan"), "cabac": 8 * cabac_bytes / nnz}
+            if kind == "positions":      # the significance map as i.i.d. flags: what an order-0 bit coder pays
+                row["order0_flags"] = _h(np.bincount(flags, minlength=2)) / nnz
             rows.append(row)
+    return rows
+
+
+def adaptive_bits(bins, ctx) -> float:
+    """Ideal code length (bits) of a bin sequence under cabac's adaptive estimator (the coder itself
+    adds < 0.1% and 5 flush bytes): for comparing binarisations without writing a coder for each."""
+    from dcomp.compressors import cabac
+    p1, p2, n = {}, {}, {}
+    total = 0.0
+    one = cabac.ONE
+    for b, c in zip(bins, ctx):
+        a1, a2, k = p1.get(c, one >> 1), p2.get(c, one >> 1), n.get(c, 0)
+        p = min(max((a1 + 3 * a2) >> 2, cabac.PMIN), one - cabac.PMIN)
+        total -= np.log2(p / one if b else 1 - p / one)
+        rf, rs = int(cabac.RATE_FAST[k]), int(cabac.RATE_SLOW[k])
+        if b:
+            a1 += ((one - a1) * rf) >> 16
+            a2 += ((one - a2) * rs) >> 16
+        else:
+            a1 -= (a1 * rf) >> 16
+            a2 -= (a2 * rs) >> 16
+        p1[c], p2[c], n[c] = a1, a2, min(k + 1, 255)
+    return total
+
+
+def _tree_bins(a, bits, prev_ctx):
+    bins, ctx = [], []
+    prev = -1
+    for s in a:
+        base = 0 if not prev_ctx or prev < 0 else (1 + ((prev << 3) >> bits)) << bits
+        node = 1
+        for lvl in range(bits - 1, -1, -1):
+            b = (s >> lvl) & 1
+            bins.append(b)
+            ctx.append(base + node)
+            node = 2 * node + b
+        prev = s
+    return bins, ctx
+
+
+def _deepcabac_bins(a, zero, u):
+    """DeepCABAC-style binarisation of a sorted-codebook index: sign (context: previous sign), then
+    greater-than-k flags k < u (context: k and sign), then an Exp-Golomb-0 remainder (prefix bins
+    contexted by position, suffix bins in one context)."""
+    bins, ctx = [], []
+    prev_sign = 0
+    for s in a:
+        neg = int(s < zero)
+        m = (zero - 1 - s) if neg else (s - zero)
+        bins.append(neg)
+        ctx.append(("sign", prev_sign))
+        for k in range(u):
+            bins.append(int(m > k))
+            ctx.append(("gt", k, neg))
+            if m <= k:
+                break
+        if m >= u:
+            r = m - u + 1
+            nb = r.bit_length() - 1
+            bins += [1] * nb + [0]
+            ctx += [("eg", j) for j in range(nb + 1)]
+            bins += [(r >> j) & 1 for j in range(nb - 1, -1, -1)]
+            ctx += [("suffix",)] * nb
+        prev_sign = neg
+    return bins, ctx
+
+
+def binarisation_table(ckpt) -> list[str]:
+    """Codebook indices of the larger layers: the tree models cabac uses against a DeepCABAC-style
+    sign / greater-than-k / Exp-Golomb binarisation, same adaptive estimator (bits per non-zero)."""
+    rows = ["| tensor | non-zeros | tree | tree, previous symbol's octile | DeepCABAC-style u=1 | u=4 | u=8 |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, t in ckpt.state_dict.items():
+        q = ckpt.quant.get(name)
+        if q is None or t.dim() < 2:
+            continue
+        flat = t.reshape(-1).numpy() != 0
+        a = q["assignments"].reshape(-1).numpy().astype(np.int64)[flat].tolist()
+        if len(a) < 1000:
+            continue
+        bits = int(q["bits"])
+        zero = int(np.searchsorted(q["codebook"].numpy(), 0.0))
+        cells = [adaptive_bits(*_tree_bins(a, bits, False)), adaptive_bits(*_tree_bins(a, bits, True))]
+        cells += [adaptive_bits(*_deepcabac_bins(a, zero, u)) for u in (1, 4, 8)]
+        rows.append(f"| {name} | {len(a):,} | " + " | ".join(f"{c / len(a):.3f}" for c in cells) + " |")
     return rows
 
 
@@ -174,8 +311,11 @@ def bias_table(ckpt) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="lenet-300-100", choices=sorted(MODELS))
     ap.add_argument("--reuse", help="work directory of an earlier run (skip training)")
     ap.add_argument("--keep", help="keep the work directory here")
+    ap.add_argument("--no-bias-table", action="store_true")
+    ap.add_argument("--binarisation", action="store_true", help="only the codebook-index binarisation comparison")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(1)
@@ -188,17 +328,20 @@ def main() -> None:
         if args.reuse:
             summary = json.loads((work / "summary.json").read_text())
         else:
-            summary = compress(work)
+            summary = compress(work, args.arch)
         qfile = sorted((work / "run").glob("*-quantize.pt"))[-1]
         ckpt = read_checkpoint(qfile.read_bytes(), source=str(qfile))
         dense = sum(t.numel() * 4 for t in ckpt.state_dict.values())
-        print(f"# LeNet-300-100 on MNIST-10k; load average {os.getloadavg()[0]:.1f} "
+        if args.binarisation:
+            print("\n".join(binarisation_table(ckpt)))
+            return
+        print(f"# {args.arch} on MNIST-10k; load average {os.getloadavg()[0]:.1f} "
               f"({os.cpu_count()} CPUs); epochs {EPOCHS}")
         print(f"top-1 dense {summary.get('top1_before', float('nan')):.2f}% -> packed "
               f"{summary.get('top1_after', float('nan')):.2f}%; run {summary.get('seconds', 0):.0f} s; "
               f"dense float32 {dense:,} B\n")
         variants = pack_variants(ckpt)
-        print("| packing | file | ratio | header | gap indices | codebook indices | codebooks | tables "
+        print("| packing | file | ratio | header | positions | codebook indices | codebooks | tables "
               "| biases/raw | weight bits / nz | all bits / nz |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for label, info, data in variants:
@@ -210,15 +353,22 @@ def main() -> None:
                   f"| {p['tables']:,} | {p['biases/raw']:,} | {8 * wbytes / nz:.2f} | {8 * b['file_bytes'] / nz:.2f} |")
         print()
         rows = stream_table(ckpt)
-        cols = ["fixed", "huffman"] + (["rans"] if rows and "rans" in rows[0] else [])
-        print("| tensor | stream | symbols | Shannon bound | " + " | ".join(cols) + " | best - bound |")
-        print("|---|---|---:|---:|" + "---:|" * (len(cols) + 1))
+        cols = ["fixed", "huffman", "rans", "cabac"]
+        print("| tensor | stream | non-zeros | order-0 bound | context bound | " + " | ".join(cols)
+              + " | best - order-0 |")
+        print("|---|---|---:|---:|---:|" + "---:|" * (len(cols) + 1))
         for r in rows:
-            best = min(r[c] for c in cols)
-            print(f"| {r['tensor']} | {r['stream']} | {r['symbols']:,} | {r['entropy']:.3f} | "
-                  + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {best - r['entropy']:+.3f} |")
-        print("\nbits per symbol; tables/frequency headers included in each coder's figure\n")
-        print("\n".join(bias_table(ckpt)))
+            best = min(r[c] for c in cols if r[c] == r[c])
+            print(f"| {r['tensor']} | {r['stream']} | {r['nnz']:,} | {r['order0']:.3f} | {r['context']:.3f} | "
+                  + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {100 * (best / r['order0'] - 1):+.1f}% |")
+        tot = {c: sum(r[c] * r["nnz"] for r in rows if r[c] == r[c]) / 8 for c in cols + ["order0", "context"]}
+        print(f"| **all weights** | both | | {tot['order0']:,.0f} B | {tot['context']:,.0f} B | "
+              + " | ".join(f"{tot[c]:,.0f} B" for c in cols) + " | |")
+        print("\nbits per non-zero weight; each coder's figure includes its tables; positions: order-0 bound of "
+              "the gap stream (i.i.d. flags: " + ", ".join(f"{r['tensor']} {r['order0_flags']:.3f}"
+                                                          for r in rows if "order0_flags" in r) + ")\n")
+        if not args.no_bias_table:
+            print("\n".join(bias_table(ckpt)))
 
 
 if __name__ == "__main__":

@@ -316,3 +316,16 @@ def test_importing_dcz_and_inspecting_a_file_does_not_import_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
+
+
+def test_context_tables_count_against_the_decode_limit():
+    """A tree model's context tables (up to 9 x 2^16 entries) are claimed before decoding: a file of
+    many tiny streams with large alphabets hits --max-decoded instead of costing unbounded work."""
+    data = _cabac_file()
+
+    def big(h, area):
+        rec = h["tensors"][0]["values"]["indices"]
+        rec.update(alphabet=1 << 16, model=1)
+    with pytest.raises(E.LimitExceeded, match="would decode to more than"):
+        dcz.read_bytes(_edit(data, big), "m.dcz", max_bytes=2 << 20)
+    assert cabac.context_bytes({"model": 1, "alphabet": 1 << 16}) == 24 * 9 * (1 << 16)

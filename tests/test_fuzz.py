@@ -52,7 +52,9 @@ def test_corpus_is_there():
 
 @pytest.mark.parametrize("path", corpus_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_corpus_replay(path):
-    """Each file once made its target crash, hang or allocate too much; now it must not."""
+    """Each file once made its target crash, hang or allocate too much; now it must not. (cabac_decode's
+    files are one input per decoder outcome, every error and a valid stream of each model, so the
+    replay keeps each path of the cabac decoder exercised; none of them ever failed.)"""
     targets.seed_files()          # built outside the timed part
     run_bounded(targets.TARGETS[path.parent.name], path.read_bytes())
 

@@ -26,7 +26,7 @@ def pack(
     index_bits_conv: Annotated[int, typer.Option("--index-bits-conv", help="relative-index width for conv (4-D) weights")] = 8,
     no_huffman: Annotated[bool, typer.Option("--no-huffman", help="fixed-width streams only (no Huffman, no rANS)")] = False,
     coder: Annotated[str, typer.Option("--coder", help="stream coders: auto (default: per stream the smallest of fixed, Huffman, rANS and context-adaptive cabac; cabac within a decode budget, --cabac-budget), huffman (format 1.2, readable by dcomp before 1.3), rans, cabac")] = "auto",
-    cabac_budget: Annotated[Optional[int], typer.Option("--cabac-budget", min=0, help="with --coder auto: cabac decoding work allowed per file, in bins (default 4194304, ~0.1 s); 0 = no cabac")] = None,
+    cabac_budget: Annotated[Optional[int], typer.Option("--cabac-budget", min=0, help="with --coder auto: cabac decoding work allowed per file, in bins (default 2097152, ~0.05-0.08 s of decoding); 0 = no cabac")] = None,
     no_ans: Annotated[bool, typer.Option("--no-ans", help="deprecated, the same as --coder huffman")] = False,
     block: Annotated[int, typer.Option("--block", help="symbols per Huffman block (decoding parallelism)")] = 1024,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip decoding the result to check it bit for bit")] = False,
@@ -130,7 +130,7 @@ def _config(**values):
 
 
 def _stream_cell(s: dict | None) -> str:
-    """bits/symbol, then the entropy for Huffman streams (h), "a" for rANS or "f" for fixed width."""
+    """bits/symbol, then the entropy for Huffman streams (h), "a" for rANS, "c" for cabac or "f" for fixed width."""
     if not s or not s["count"]:
         return ""
     if s["coding"] == "ans":
@@ -148,7 +148,7 @@ def _render(c, report: dict, title: str) -> None:
     wide = c.width >= 140  # narrow terminals: totals and bits/symbol only (--json has every part)
     parts = ("indices", "values", "codebook", "tables", "other") if wide else ()
     t = Table(title=title, title_justify="left", box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD, pad_edge=wide, collapse_padding=not wide,
-              caption="b/sym: code bits per symbol" + (" / entropy (h: Huffman, f: fixed width)" if wide else
+              caption="b/sym: code bits per symbol" + (" / entropy (h: Huffman, f: fixed width, a: rANS, c: context-adaptive cabac)" if wide else
                                                       " of the index and value streams (--json: entropy)")
               + "; ratio: float32 dense bytes / packed bytes", caption_justify="left")
     streams = ["idx b/sym", "val b/sym"] if wide else ["b/sym"]

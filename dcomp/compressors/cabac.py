@@ -66,7 +66,7 @@ def _rates() -> tuple[np.ndarray, np.ndarray]:
 RATE_FAST, RATE_SLOW = _rates()
 
 
-# ---- kernels (plain Python in numba's subset; compiled by _kernels()) --------------------------------
+# ---- kernels (plain Python in numba's subset; compiled by _kernel()) --------------------------------
 # The bin step is written out in each loop (numba inlines nothing across a Python call here, and
 # the reference must stay the same source). Probability state per context c: p1[c], p2[c] (P(1) in
 # 1/2^15) and n[c] (bins seen, saturating at 255).
@@ -307,8 +307,8 @@ def _sig_encode(flags, rows, cols, rf, rs, out):  # pragma: no cover - compiled
 
 
 def _sig_decode(buf, rows, cols, rf, rs, flags, pos_out):  # pragma: no cover - compiled
-    """flags: uint8 scratch of rows*cols (written); pos_out: room for the nonzero positions.
-    Returns (status, nnz); status 5: more nonzeros than pos_out holds."""
+    """flags: uint8 scratch of ``cols`` (the row above, then this row); pos_out: room for the nonzero
+    positions. Returns (status, nnz); status 5: more nonzeros than pos_out holds."""
     n = buf.shape[0]
     if n < FLUSH:
         return 1, 0
@@ -332,7 +332,7 @@ def _sig_decode(buf, rows, cols, rf, rs, flags, pos_out):  # pragma: no cover - 
         rowcnt = 0
         left = 0
         for col in range(cols):
-            above = int(flags[i - cols]) if r > 0 else 0
+            above = int(flags[col])
             x = colcnt[col] * 32
             if r == 0:
                 cb = 0
@@ -399,7 +399,7 @@ def _sig_decode(buf, rows, cols, rf, rs, flags, pos_out):  # pragma: no cover - 
                 byte = int(buf[pos]) if pos < n else 0
                 code = (code << 8) | byte
                 pos += 1
-            flags[i] = bit
+            flags[col] = bit
             left = bit
             i += 1
     if pos > n:
@@ -409,40 +409,64 @@ def _sig_decode(buf, rows, cols, rf, rs, flags, pos_out):  # pragma: no cover - 
     return 0, nnz
 
 
-_KERNELS: object = False
+_PY = {"tree_encode": _tree_encode, "tree_decode": _tree_decode, "sig_encode": _sig_encode, "sig_decode": _sig_decode}
+_COMPILED: dict = {}
 
 
-def _kernels():
-    """(tree_encode, tree_decode, sig_encode, sig_decode): compiled, or the Python functions."""
-    global _KERNELS
-    if _KERNELS is False:
-        py = (_tree_encode, _tree_decode, _sig_encode, _sig_decode)
-        _KERNELS = py
+def _kernel(name: str):
+    """One kernel, compiled with numba (loaded from numba's cache after the first run) or, when
+    numba is missing, disabled or fails (e.g. code instrumented by a fuzzer), the Python function.
+    Each is compiled and checked on first use only: decoding never loads the encoders."""
+    k = _COMPILED.get(name)
+    if k is None:
+        k = _PY[name]
         if not numba_disabled():
             try:
                 import numba
 
-                jit = numba.njit(cache=True, nogil=True)
-                compiled = tuple(jit(f) for f in py)
-                _warm_up(compiled)     # compile now (or load the cache), so a failure falls back here
-                _KERNELS = compiled
-            except Exception:  # noqa: BLE001 - numba missing or broken (or instrumented code): the Python loops
-                _KERNELS = py
-    return _KERNELS
+                f = numba.njit(cache=True, nogil=True)(k)
+                _warm_up(name, f)      # compile now (or load the cache), so a failure falls back here
+                k = f
+            except Exception:  # noqa: BLE001 - numba missing or broken: the Python loop
+                k = _PY[name]
+        _COMPILED[name] = k
+    return k
 
 
-def _warm_up(k) -> None:
+def _kernels():
+    """(tree_encode, tree_decode, sig_encode, sig_decode) as used (compiled or Python)."""
+    return tuple(_kernel(n) for n in ("tree_encode", "tree_decode", "sig_encode", "sig_decode"))
+
+
+def _warm_up(name: str, f) -> None:
+    """Run a compiled kernel once on a tiny input (the same types as real calls) against the reference."""
     syms = np.array([1, 0, 1], dtype=np.int64)
-    out = np.empty(64, dtype=np.uint8)
-    for prev in (False, True):
-        j = k[0](syms, 1, prev, RATE_FAST, RATE_SLOW, out)
-        if k[1](np.frombuffer(out[:j].tobytes(), dtype=np.uint8), 3, 1, prev, RATE_FAST, RATE_SLOW, np.empty(3, dtype=np.int64)) != 0:
-            raise RuntimeError("cabac kernels do not round-trip")
     flags = np.array([0, 1, 1, 0], dtype=np.uint8)
-    j = k[2](flags, 2, 2, RATE_FAST, RATE_SLOW, out)
-    st, nnz = k[3](np.frombuffer(out[:j].tobytes(), dtype=np.uint8), 2, 2, RATE_FAST, RATE_SLOW, np.empty(4, dtype=np.uint8), np.empty(4, dtype=np.int64))
-    if st != 0 or nnz != 2:
-        raise RuntimeError("cabac kernels do not round-trip")
+    for prev in (False, True):
+        ref = np.empty(64, dtype=np.uint8)
+        ref = np.frombuffer(ref[:_tree_encode(syms, 1, prev, RATE_FAST, RATE_SLOW, ref)].tobytes(), dtype=np.uint8)
+        if name == "tree_encode":
+            out = np.empty(64, dtype=np.uint8)
+            ok = out[:f(syms, 1, prev, RATE_FAST, RATE_SLOW, out)].tobytes() == ref.tobytes()
+        elif name == "tree_decode":
+            out = np.empty(3, dtype=np.int64)
+            ok = f(ref, 3, 1, prev, RATE_FAST, RATE_SLOW, out) == 0 and np.array_equal(out, syms)
+        else:
+            break
+        if not ok:
+            raise RuntimeError(f"compiled cabac {name} disagrees with the reference")
+    ref = np.empty(64, dtype=np.uint8)
+    ref = np.frombuffer(ref[:_sig_encode(flags, 2, 2, RATE_FAST, RATE_SLOW, ref)].tobytes(), dtype=np.uint8)
+    if name == "sig_encode":
+        out = np.empty(64, dtype=np.uint8)
+        ok = out[:f(flags, 2, 2, RATE_FAST, RATE_SLOW, out)].tobytes() == ref.tobytes()
+    elif name == "sig_decode":
+        pos = np.empty(4, dtype=np.int64)
+        ok = tuple(f(ref, 2, 2, RATE_FAST, RATE_SLOW, np.zeros(2, dtype=np.uint8), pos)) == (0, 2)
+    else:
+        return
+    if not ok:
+        raise RuntimeError(f"compiled cabac {name} disagrees with the reference")
 
 
 _ERRORS = {1: "cabac payload shorter than its 5 flush bytes",
@@ -462,14 +486,14 @@ def encode_tree(symbols: np.ndarray, alphabet: int, model: int = TREE) -> bytes:
     symbols = np.ascontiguousarray(symbols, dtype=np.int64)
     b = _bits_of(alphabet)
     out = np.empty(2 * b * len(symbols) + 16, dtype=np.uint8)   # a bin never emits more than 2 bytes
-    j = _kernels()[0](symbols, b, model == TREE_PREV, RATE_FAST, RATE_SLOW, out)
+    j = _kernel("tree_encode")(symbols, b, model == TREE_PREV, RATE_FAST, RATE_SLOW, out)
     return out[:j].tobytes()
 
 
 def decode_tree(payload, count: int, alphabet: int, model: int = TREE) -> np.ndarray:
     buf = np.frombuffer(payload, dtype=np.uint8)
     out = np.empty(count, dtype=np.int64)
-    st = _kernels()[1](buf, count, _bits_of(alphabet), model == TREE_PREV, RATE_FAST, RATE_SLOW, out)
+    st = _kernel("tree_decode")(buf, count, _bits_of(alphabet), model == TREE_PREV, RATE_FAST, RATE_SLOW, out)
     if st:
         raise CabacError(_ERRORS[st])
     return out
@@ -493,7 +517,7 @@ def encode_significance(positions: np.ndarray, numel: int, cols: int) -> bytes:
     flags[np.asarray(positions, dtype=np.int64)] = 1
     rows = numel // cols if cols else 0
     out = np.empty(2 * numel + 16, dtype=np.uint8)
-    j = _kernels()[2](flags, rows, cols, RATE_FAST, RATE_SLOW, out)
+    j = _kernel("sig_encode")(flags, rows, cols, RATE_FAST, RATE_SLOW, out)
     return out[:j].tobytes()
 
 
@@ -501,9 +525,9 @@ def decode_significance(payload, numel: int, cols: int, max_nnz: int) -> np.ndar
     """Positions of the nonzeros (sorted); at most ``max_nnz`` of them, else CabacError."""
     buf = np.frombuffer(payload, dtype=np.uint8)
     rows = numel // cols if cols else 0
-    flags = np.empty(numel, dtype=np.uint8)
+    flags = np.zeros(cols, dtype=np.uint8)
     pos = np.empty(min(max_nnz, numel), dtype=np.int64)
-    st, nnz = _kernels()[3](buf, rows, cols, RATE_FAST, RATE_SLOW, flags, pos)
+    st, nnz = _kernel("sig_decode")(buf, rows, cols, RATE_FAST, RATE_SLOW, flags, pos)
     if st:
         raise CabacError(_ERRORS[st])
     return pos[:nnz]
@@ -516,6 +540,15 @@ def encode_stream(symbols: np.ndarray, alphabet: int, model: int = TREE) -> tupl
     rec = {"count": int(len(symbols)), "alphabet": int(alphabet), "coding": "cabac", "model": model,
            "bytes": len(data), "entropy": round(entropy(np.bincount(symbols, minlength=alphabet)), 6)}
     return data, rec
+
+
+def context_bytes(rec: dict, cols: int = 1) -> int:
+    """Bytes the decoder allocates for a stream's model state (context tables, and for the
+    significance model its per-column counts and row of flags): the reader claims them against its
+    decode limit before decoding, so many streams with large alphabets cannot cost unbounded work."""
+    if rec["model"] == SIGNIFICANCE:
+        return 24 * SIG_CONTEXTS + 9 * cols
+    return 24 * (rec["alphabet"] * (PREV_CLASSES if rec["model"] == TREE_PREV else 1))
 
 
 def check_record(rec: dict) -> None:

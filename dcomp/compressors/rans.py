@@ -178,8 +178,17 @@ def encode_payload(symbols: np.ndarray, freqs: np.ndarray, precision: int) -> by
         return _encode_py(symbols, freqs, cum, precision)
     # each symbol emits at most precision/8 + 1 bytes (2 for p <= 15)
     out = np.empty(2 * len(symbols) + 8, dtype=np.uint8)
-    x, j = k[0](symbols, freqs, cum, precision, out)
+    try:
+        x, j = k[0](symbols, freqs, cum, precision, out)
+    except Exception:  # noqa: BLE001 - compiling failed here (e.g. instrumented code): the Python loop from now on
+        _disable()
+        return _encode_py(symbols, freqs, cum, precision)
     return int(x).to_bytes(4, "little") + out[j:].tobytes()
+
+
+def _disable() -> None:
+    global _KERNELS
+    _KERNELS = None
 
 
 def table(freqs: np.ndarray) -> bytes:
@@ -242,7 +251,11 @@ def decode(section, count: int, alphabet: int, precision: int) -> np.ndarray:
     if k is None:
         status = _decode_py(payload, count, freqs, cum, slot2sym, precision, out)
     else:
-        status = k[1](payload, count, freqs, cum, slot2sym, precision, out)
+        try:
+            status = k[1](payload, count, freqs, cum, slot2sym, precision, out)
+        except Exception:  # noqa: BLE001 - compiling failed here (e.g. instrumented code): the Python loop from now on
+            _disable()
+            status = _decode_py(payload, count, freqs, cum, slot2sym, precision, out)
     if status:
         raise RansError({1: "rANS payload shorter than its 4-byte state",
                          2: "rANS initial state below 2^23",

@@ -9,7 +9,11 @@ import numpy as np
 
 from dcomp.compressors import cabac
 from dcomp.compressors import huffman as hf
-from fuzzing.targets import Choices
+
+
+def Choices(data: bytes):   # fuzzing.targets imports this module: import it lazily (no cycle)
+    from fuzzing.targets import Choices as C
+    return C(data)
 
 
 def cabac_decode(data: bytes) -> None:

@@ -6,6 +6,7 @@ lengths, stream sizes, stored dtypes, totals against the resource limits.
 
 from __future__ import annotations
 
+from dcomp.compressors import cabac
 from dcomp.compressors import huffman as hf
 from dcomp.formats import limits as _limits
 from dcomp.formats.dcz import errors as E
@@ -67,7 +68,7 @@ class _Reader:
                                   f"({self.total:,} claimed so far); refusing ({_limits.hint('max_decoded')})",
                             E.LimitExceeded)
 
-    def stream(self, rec: dict, what: str) -> dict:
+    def stream(self, rec: dict, what: str, cols: int = 1) -> dict:
         try:
             hf.check_record(rec)
         except hf.StreamError as e:
@@ -83,6 +84,11 @@ class _Reader:
             if rec["model"] == 2 and not what.endswith(" gaps"):
                 raise self.fail(what, "cabac model 2 (significance map) codes only the gap stream of a sparse tensor")
             self.cabac += 1
+            if self.cabac > self.lim.max_tables:
+                raise self.fail(what, f"more than {self.lim.max_tables:,} cabac streams in one file; refusing "
+                                      f"({_limits.hint('max_tables')})", E.LimitExceeded)
+            # the decoder's context tables (up to 9 x 2^16 entries for a tree model): claimed like decoded bytes
+            self.claim(what, cabac.context_bytes(rec, cols))
         if rec["coding"] == "huffman":
             self.tables += 1
             if self.tables > self.lim.max_tables:
@@ -115,7 +121,7 @@ class _Reader:
         v = t["values"]
         if enc == "sparse":
             k, nnz = t["index_bits"], t["nnz"]
-            g = self.stream(t["gaps"], what + " gaps")
+            g = self.stream(t["gaps"], what + " gaps", cabac.matrix_cols(shape))
             if g["alphabet"] != 1 << k:
                 raise self.fail(what, "gap stream alphabet does not match index_bits")
             if numel >= (g["count"] + 1) * ((1 << k) - 1) + 1 or nnz > g["count"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from typing import Any
 
@@ -71,8 +72,15 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int | None = None,
             state_dict[name] = _from_bits(arr, dt, shape)
             continue
         if t["encoding"] == "sparse" and t["values"]["kind"] == "codebook" and kernels._assemble_kernel() is not None:
-            _assemble_fused(t, next(it), next(it), rd, h, state_dict, fused_masks, fused_assign)
-            continue
+            gsyms, isyms = next(it), next(it)
+            try:
+                _assemble_fused(t, gsyms, isyms, rd, h, state_dict, fused_masks, fused_assign)
+                continue
+            except E.DczError:
+                raise
+            except Exception:  # noqa: BLE001 - the compiled kernel failed to build here: numpy from now on
+                kernels._ASSEMBLE = None
+                it = itertools.chain([gsyms, isyms], it)
         if t["encoding"] == "sparse":
             try:
                 pos = gap_positions(next(it), numel, t["index_bits"])

@@ -24,7 +24,7 @@ from dcomp.formats.dcz.spec import (DTYPES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DT
 from dcomp.formats.dcz.summary import inspect_bytes
 
 
-CABAC_AUTO_BINS = 1 << 22    # ~0.1 s of cabac decoding per file (docs/bench/size.md)
+CABAC_AUTO_BINS = 1 << 21    # ~0.05-0.08 s of cabac decoding per file (docs/bench/size.md)
 
 
 class PackConfig(BaseModel):
@@ -46,8 +46,8 @@ class PackConfig(BaseModel):
     cabac_budget: int = Field(
         CABAC_AUTO_BINS, ge=0,
         description="with coder 'auto': at most this many cabac bins per file (a bin is one element of a "
-                    "significance-coded tensor, or one bit of a tree-coded symbol). Decoding costs ~25 ns per bin "
-                    "(docs/bench/size.md), against ~5 ns per parameter for torch.load of a dense checkpoint, so "
+                    "significance-coded tensor, or one bit of a tree-coded symbol). Decoding costs ~25-40 ns per bin "
+                    "(docs/bench/size.md), against ~9 ns per parameter for torch.load of a dense float32 file, so "
                     "auto keeps large tensors on the fast coders; coder 'cabac' has no budget")
     block: int = Field(hf.DEFAULT_BLOCK, description="symbols per Huffman block")
     verify: bool = Field(True, description="decode the packed bytes and compare bit for bit")
