@@ -135,7 +135,7 @@ STAGES: dict[str, StageSpec] = {
     "quantize": StageSpec(_lazy("dcomp.config.quantize:QuantizeConfig"), "checkpoint",
                           "k-means weight sharing, optional centroid fine-tuning"),
     "finetune": StageSpec(lambda: FinetuneConfig, "checkpoint", "centroid fine-tuning of a quantized model"),
-    "pack": StageSpec(_lazy("dcomp.formats.dcz:PackConfig"), "dcz",
+    "pack": StageSpec(_lazy("dcomp.config.pack:PackConfig"), "dcz",
                       "write the .dcz: sparse relative indices, codebooks, Huffman streams"),
     "eval": StageSpec(lambda: EvalConfig, "metrics", "test accuracy of the current model (of the .dcz after pack)"),
     "bench": StageSpec(_lazy("dcomp.config.bench:BenchConfig"), "metrics",

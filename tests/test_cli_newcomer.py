@@ -179,8 +179,19 @@ def test_recipe_validate_starts_without_torch(tmp_path):
           - {stage: finetune}
           - {stage: eval}
           - {stage: bench, batches: [1]}
+          - {stage: pack, coder: auto}
         """))
     assert not _imports_torch("recipe", "validate", recipe)
+    for shipped in sorted((ROOT / "configs").glob("*.yaml")):
+        assert not _imports_torch("recipe", "validate", shipped), shipped.name
+
+
+def test_inspect_starts_without_torch(lenet_ckpt, tmp_path):
+    from dcomp.formats import dcz
+
+    path = tmp_path / "m.dcz"
+    path.write_bytes(dcz.pack(lenet_ckpt)[0])
+    assert not _imports_torch("inspect", path)
 
 
 def test_weights_that_do_not_fit_name_the_file(cli, lenet_ckpt, tmp_path):

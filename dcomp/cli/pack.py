@@ -119,14 +119,9 @@ def inspect(
 
 
 def _config(**values):
-    from pydantic import ValidationError
+    from dcomp.config.pack import PackConfig
 
-    from dcomp.formats.dcz import PackConfig
-
-    try:
-        return PackConfig(**values)
-    except ValidationError as e:
-        raise UsageError(common.pydantic_message(e)) from None
+    return common.build_config(PackConfig, **values)
 
 
 def _stream_cell(s: dict | None) -> str:
