@@ -399,6 +399,8 @@ class HybridRunner:
                 data = self._export(step[1], step[2], input_name="x", output_name="y")
                 calls.append(["onnx", _OrtCall(self._session(data, self.threads), len(data)), False, 1])
                 before = None
+        if self.kernel == "numba":
+            calls = _chain_linear(calls)
         self._step_cache[key] = calls
         return calls
 
@@ -457,7 +459,9 @@ class HybridRunner:
     @staticmethod
     def _run_calls(calls, x: np.ndarray) -> np.ndarray:
         for kind, obj, relu, pool in calls:
-            if kind == "sparse":
+            if kind == "chain":
+                x = obj(x)
+            elif kind == "sparse":
                 x = obj(x, relu, pool) if pool != 1 else (obj(x, relu) if relu else obj(x))
             elif kind == "onnx" or kind == "pool":
                 x = obj(x)
@@ -476,7 +480,7 @@ class HybridRunner:
         if calls is None:
             return self._dense_sess(x)
         out = self._run_calls(calls, x)
-        return out.copy() if calls[-1][0] in ("sparse", "pool") else out
+        return out.copy() if calls[-1][0] in ("sparse", "pool", "chain") else out
 
     # -- reporting
     def _model_bytes(self) -> int:
@@ -484,6 +488,7 @@ class HybridRunner:
         where a batch size falls back to it."""
         active = [calls for calls in self.plans.values() if calls is not None]
         objs = {id(obj): obj for calls in active for kind, obj, *_ in calls if kind in ("sparse", "onnx")}
+        objs.update({id(lay): lay for calls in active for kind, obj, *_ in calls if kind == "chain" for lay in obj.layers})
         total = sum(obj.nbytes for obj in objs.values())
         if any(calls is None for calls in self.plans.values()):
             total += self._dense().nbytes
@@ -507,7 +512,8 @@ class HybridRunner:
             layers.append(row)
         plans = {str(b): ("dense" if calls is None else " > ".join(
             f"sparse:{obj.name}{'+relu' if relu else ''}{f'+pool{pool}' if pool != 1 else ''}" if kind == "sparse"
-            else kind for kind, obj, relu, pool in calls))
+            else " > ".join(f"sparse:{lay.name}{'+relu' if r else ''}" for lay, r in zip(obj.layers, obj.relus))
+            if kind == "chain" else kind for kind, obj, relu, pool in calls))
             for b, calls in sorted(self.plans.items())}
         out = {"kernel": self.kernel, "threads": self.threads, "layers": layers, "plans": plans,
                "sparse_layers": [{"name": c.name, "shape": [self.layers[c.name].out_features,
@@ -521,6 +527,30 @@ class HybridRunner:
 
 
 _MISSING = object()
+
+
+def _chain_linear(calls: list) -> list:
+    """Runs of sparse Linear steps (a flatten between them is a no-op on (B, features)) become one
+    ``LinearChain`` step: activations stay in the kernel's layout between the layers."""
+    from dcomp.runtime.kernels import LinearChain
+
+    out, run = [], []
+
+    def flush():
+        if run:
+            out.append(["chain", LinearChain([c[1] for c in run], [c[2] for c in run]), False, 1])
+            run.clear()
+
+    for c in calls:
+        if c[0] == "sparse" and c[1].kind == "linear" and c[3] == 1:
+            run.append(c)
+        elif c[0] == "flatten" and run:
+            continue
+        else:
+            flush()
+            out.append(c)
+    flush()
+    return out
 
 
 class _OrtCall:
