@@ -243,3 +243,27 @@ def test_cli_bench_shows_the_per_layer_choice(tmp_path):
     for lay in hy["info"]["layers"]:
         assert set(lay["choice"]) == {"1", "2"}
         assert all(v.startswith("sparse") or v.startswith("dense") for v in lay["choice"].values())
+
+
+def test_batchnorm_is_folded_into_the_sparse_convolution():
+    from dcomp.runtime.sparse import fold_batchnorm
+
+    torch.manual_seed(0)
+    shape = (1, 16, 16)
+    model = build_zoo("vgg-small", shape, 10)
+    with torch.no_grad():  # BatchNorm that does something: random statistics and affine terms
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    model = pruned(model, sparsity=0.9)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the caller's model is untouched
+    h = HybridRunner(model, shape, threads=2, calibrate=None)
+    plan = h.describe()["plans"]["1"]
+    assert plan.startswith("sparse:features.0+relu > sparse:features.3+relu+pool2")  # no onnxruntime step for BN
+    x = np.random.default_rng(0).standard_normal((3, *shape), dtype=np.float32)
+    close(h.run(x), OrtRunner(export_module(model, shape), 1).run(x))
