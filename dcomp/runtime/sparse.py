@@ -44,6 +44,9 @@ KERNELS = ("numba", "torch")
 # A sparse layer must beat its dense cost by this factor to be chosen: timing noise on a loaded
 # machine is +-10-30%, and a wrong "sparse" costs more than a wrong "dense" (the fallback exists).
 DEFAULT_MARGIN = 1.1
+# The whole hybrid plan must beat the whole dense model by this factor at load, else dense runs:
+# a plan within 5% is not worth the risk of being the slower one.
+PLAN_MARGIN = 1.05
 # Calibration compares the 25th percentile of interleaved timings, not the median: on a loaded
 # machine preemption adds long, random delays to single calls (both kinds alike), and a median of a
 # few calls can still land on one (measured: a 0.8 ms layer timed at 5.4 ms and run dense).
@@ -471,7 +474,7 @@ class HybridRunner:
                 med = interleaved_median(fns, seconds, min_reps=9, max_reps=300, warmup=2, quantile=CALIB_QUANTILE)
                 best = min(range(len(options)), key=lambda i: med[i])
                 self.plan_costs[b] = (med[best], med["dense"])
-                if choose_plan(med[best], med["dense"]) == "hybrid":
+                if choose_plan(med[best], med["dense"], PLAN_MARGIN) == "hybrid":
                     chosen = options[best]
                     self.plans[b] = self._build(set(chosen))
                     break
