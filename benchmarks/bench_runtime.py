@@ -233,7 +233,9 @@ def make_lenets(args) -> dict[str, str]:
         if given[arch]:
             out[arch] = given[arch]
             continue
-        folder = Path(args.models).expanduser() / args.data.replace(":", "_").replace("/", "_")
+        kind, _, rest = args.data.partition(":")  # a file's name and size, not its path: any checkout finds them
+        key = f"{kind}_{Path(rest).name}_{Path(rest).stat().st_size}" if kind in ("npz", "idx") and rest else args.data
+        folder = Path(args.models).expanduser() / key.replace(":", "_").replace("/", "_")
         folder.mkdir(parents=True, exist_ok=True)
         base, final = folder / f"{arch}.pt", folder / f"{arch}-dc.pt"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}

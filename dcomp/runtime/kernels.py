@@ -61,7 +61,7 @@ def numba_kernels() -> dict[str, Any]:
         raise UsageError("the compiled sparse kernel needs the numba package (pip install numba)")
     from dcomp.runtime import _mm_kernels
 
-    return {"lin_mv": _lin_mv, "mm_w8u4": _mm_kernels.mm_w8u4, "mm_w16u2": _mm_kernels.mm_w16u2, "conv": _conv, "conv_wide": _conv_wide, "maxpool": _maxpool}
+    return {"lin_mv": _lin_mv, **{f"mm_w{w}u{u}": getattr(_mm_kernels, f"mm_w{w}u{u}") for w, u in MM_SHAPES}, "conv": _conv, "conv_wide": _conv_wide, "maxpool": _maxpool}
 
 
 def _pval(pk, cb, k, p):
@@ -242,11 +242,12 @@ if njit is not None:
 # ---- the batch kernels (generated) ------------------------------------------------------------------
 
 # (lanes, entries in flight): lanes = batch columns per block, held in registers across a row's
-# entries (SLP-vectorised: one ymm per 8 lanes); entries in flight = independent accumulator sets,
-# so the FMA latency is hidden. Measured on a 4096x4096 layer at 95% zeros, one thread: batch 8
-# 0.79 ms (w8u4) against 1.92 ms for the earlier loop over a runtime batch length; batch 64 4.9 ms
-# (w16u2) against 5.7 ms.
-MM_SHAPES = ((8, 4), (16, 2))
+# entries (SLP-vectorised: one vector register per 8/16 lanes); entries in flight = independent
+# accumulator sets, so the FMA latency is hidden. Measured on a 4096x4096 layer at 95% zeros, one
+# thread, loaded machine (ratios within one run): batch 8 0.79 ms (w8u4) against 1.92 ms for the
+# earlier loop over a runtime batch length; batch 64 4.8 ms (w64u1: each entry's 64 inputs in one
+# pass, four cache lines side by side) against 9.2 ms (w16u2) and 5.7-6.8 ms before.
+MM_SHAPES = ((8, 4), (16, 2), (32, 2), (64, 1))
 
 
 def mm_source() -> str:
@@ -568,13 +569,18 @@ class SparseLinear(_Layer):
 
 
 def lanes_for(batch: int) -> int:
-    """The padded batch (lanes) the batch kernels run at: a multiple of 8 up to 8, else of 16."""
-    return 8 if batch <= 8 else -(-batch // 16) * 16
+    """The padded batch (lanes) the batch kernels run at: 8, 16 or 32 up to those sizes, else a
+    multiple of 64."""
+    for lanes in (8, 16, 32):
+        if batch <= lanes:
+            return lanes
+    return -(-batch // 64) * 64
 
 
 def nb_lanes(nb: int) -> str:
-    """The batch kernel for ``nb`` padded lanes (a key of ``numba_kernels()``)."""
-    return "_w8u4" if nb % 16 else "_w16u2"
+    """The batch kernel for ``nb`` padded lanes (a key of ``numba_kernels()`` after ``mm``)."""
+    w, u = max((w, u) for w, u in MM_SHAPES if nb % w == 0)
+    return f"_w{w}u{u}"
 
 
 class LinearChain:
