@@ -267,3 +267,18 @@ def test_batchnorm_is_folded_into_the_sparse_convolution():
     assert plan.startswith("sparse:features.0+relu > sparse:features.3+relu+pool2")  # no onnxruntime step for BN
     x = np.random.default_rng(0).standard_normal((3, *shape), dtype=np.float32)
     close(h.run(x), OrtRunner(export_module(model, shape), 1).run(x))
+
+
+def test_global_average_pool_runs_natively_and_relu_after_it_is_not_hoisted():
+    torch.manual_seed(0)
+    shape = (2, 6, 6)
+    before = nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    after = nn.Sequential(nn.Conv2d(2, 8, 3), nn.AdaptiveAvgPool2d(1), nn.ReLU(), nn.Flatten(), nn.Linear(8, 4))
+    for model, native in ((before, True), (after, False)):
+        model = pruned(model, sparsity=0.5)
+        with torch.no_grad():
+            model[0].bias.copy_(torch.linspace(-1, 1, 8))  # some channel means negative: ReLU placement matters
+        h = HybridRunner(model, shape, threads=1, calibrate=None)
+        assert ("gap" in h.describe()["plans"]["1"]) == native
+        x = np.random.default_rng(0).standard_normal((3, *shape), dtype=np.float32)
+        close(h.run(x), OrtRunner(export_module(model, shape), 1).run(x))

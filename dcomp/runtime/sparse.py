@@ -196,7 +196,8 @@ def plan_hybrid(model: nn.Module, input_shape, min_sparsity: float = 0.3) -> Pla
 
 
 def _native_op(gm, n) -> tuple | None:
-    """("relu",), ("flatten",), ("pool", k) or ("id",) for a node the runner does itself; else None."""
+    """("relu",), ("flatten",), ("pool", k), ("gap",) (global average pooling) or ("id",) for a node
+    the runner does itself; else None."""
     import operator
 
     import torch.nn.functional as F
@@ -217,6 +218,8 @@ def _native_op(gm, n) -> tuple | None:
             dil = m.dilation if isinstance(m.dilation, int) else max(m.dilation)
             if k and k == s and pad == 0 and dil == 1 and not m.ceil_mode and not m.return_indices:
                 return ("pool", int(k))
+        if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+            return ("gap",)
         return None
     if n.op == "call_function":
         if n.target in (torch.relu, F.relu) and len(n.args) == 1:
@@ -245,6 +248,9 @@ def _native_segment(gm, seg_nodes, start) -> list[tuple] | None:
             return None
         ops.append(op)
         prev = n
+    kinds = [o[0] for o in ops]
+    if "gap" in kinds and "relu" in kinds[kinds.index("gap"):]:
+        return None  # ReLU after an average does not commute with it (the runner hoists ReLU)
     return ops
 
 
@@ -403,7 +409,11 @@ class HybridRunner:
                     shape = (shape[0], shape[1] // ops[0][1], shape[2] // ops[0][1])
                     ops = ops[1:]
                 for o in ops:
-                    if o[0] == "pool":
+                    if o[0] == "gap":  # global average pooling: (B, C, H, W) -> (B, C, 1, 1)
+                        calls.append(["gap", None, relu, 1])
+                        relu = False
+                        shape = (shape[0], 1, 1)
+                    elif o[0] == "pool":
                         pool = MaxPool(o[1], shape, relu=relu)
                         relu = False
                         calls.append(["pool", pool, False, 1])
@@ -495,6 +505,8 @@ class HybridRunner:
                 x = obj(x)
             elif kind == "flatten":
                 x = x.reshape(x.shape[0], -1)
+            elif kind == "gap":
+                x = (np.maximum(x, 0) if relu else x).mean(axis=(2, 3), keepdims=True, dtype=np.float32)
             else:  # relu
                 x = np.maximum(x, 0)
         return x
