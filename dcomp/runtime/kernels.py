@@ -529,6 +529,11 @@ class _Layer:
         if self.pool.threads == 1 or self.work_per_sample * batch < PARALLEL_MIN_WORK or len(self.chunks) < 2:
             return lambda: ep(*args_before, 0, rows, *args_after)
         pool, chunks = self.pool, self.chunks
+        if self.work_per_sample * batch >= 64 * PARALLEL_MIN_WORK:
+            # big calls (batch 8-64 on large layers, ms each): 8 chunks per thread, so a helper
+            # descheduled mid-chunk (a busy core) holds back a smaller share of the call
+            n = int(min(8 * pool.threads, self.work_per_sample * batch // (PARALLEL_MIN_WORK // 4)))
+            chunks = row_chunks(self.w.rowptr, max(n, len(chunks)))
         return lambda: pool.run(lambda r0, r1: ep(*args_before, r0, r1, *args_after), chunks)
 
     def __call__(self, x: np.ndarray, relu: bool | None = None, pool: int = 1) -> np.ndarray:
