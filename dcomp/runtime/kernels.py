@@ -64,7 +64,7 @@ def numba_kernels() -> dict[str, Any]:
     from dcomp.runtime import _mm_kernels
 
     return {"lin_mv": _lin_mv, **{f"mm_w{w}u{u}": getattr(_mm_kernels, f"mm_w{w}u{u}") for w, u in MM_SHAPES}, "conv": _conv, "conv_wide": _conv_wide, "maxpool": _maxpool,
-            "transpose": _transpose}
+            "transpose": _transpose, "chain_mv": _chain_mv}
 
 
 def _pval(pk, cb, k, p):
@@ -226,6 +226,14 @@ if njit is not None:
                                 for dx in range(pool):
                                     m = max(m, acc[base + dy * wp + dx])
                             out[py * pw_ + px] = max(m, z) if relu else m
+
+    @njit(**_SCALAR)
+    def _chain_mv(prows, pks, cbs, biases, bufs, relus):
+        # a run of small Linear layers at batch 1 in one compiled call: layer l reads bufs[l] and
+        # writes bufs[l + 1] (tuples of same-typed arrays; relus: uint8 per layer)
+        for l in range(len(pks)):
+            _lin_mv(prows[l], pks[l], cbs[l], biases[l], bufs[l], bufs[l + 1], 0, prows[l].shape[0] - 1,
+                    relus[l] != 0)
 
     @njit(**_OPTS)
     def _transpose(a, b, rows, cols):
@@ -641,6 +649,21 @@ class LinearChain:
             xin = np.zeros(self.in_features, np.float32)
             bufs = [np.empty(layer.out_features, np.float32) for layer in self.layers]
             srcs = [xin] + bufs[:-1]
+            serial = all(layer.pool.threads == 1 or layer.work_per_sample < PARALLEL_MIN_WORK or len(layer.chunks) < 2
+                         for layer in self.layers)
+            if serial and len(self.layers) > 1 and len({layer.w.pk.dtype for layer in self.layers}) == 1:
+                # small layers (LeNet-sized): the whole run in one compiled call, no Python between
+                args = (tuple(layer.w.rowptr for layer in self.layers), tuple(layer.w.pk for layer in self.layers),
+                        tuple(layer.w.cb for layer in self.layers), tuple(layer.bias for layer in self.layers),
+                        tuple([xin, *bufs]), np.array(self.relus, np.uint8))
+                ep = _compiled(numba_kernels()["chain_mv"], args)
+                out = bufs[-1].reshape(1, -1)
+
+                def call_fused(x):
+                    np.copyto(xin, x.reshape(-1))
+                    ep(*args)
+                    return out
+                return call_fused
             steps = [layer.step(1, 1, srcs[i], bufs[i], self.relus[i]) for i, layer in enumerate(self.layers)]
             out = bufs[-1].reshape(1, -1)
 
