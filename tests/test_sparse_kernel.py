@@ -47,7 +47,7 @@ def test_linear_kernel_equals_dense_product(seed):
             distinct = np.unique(w[w != 0]).size  # a codebook whenever <= 255 distinct values, else raw
             assert (layer.w.pk.dtype == np.uint32) == (0 < distinct <= 255)
             np.testing.assert_array_equal(layer.w.to_dense(), w)
-            for batch in (1, 2, 7, 8, 9, 16, 33, 64):
+            for batch in (1, 2, 7, 8, 9, 16, 33, 64, 100):
                 x = rng.standard_normal((batch, in_f)).astype(np.float32)
                 ref = x.astype(np.float64) @ w.T.astype(np.float64) + bias
                 close(layer(x), np.maximum(ref, 0) if relu else ref)
