@@ -655,7 +655,7 @@ class LinearChain:
                 # small layers (LeNet-sized): the whole run in one compiled call, no Python between
                 args = (tuple(layer.w.rowptr for layer in self.layers), tuple(layer.w.pk for layer in self.layers),
                         tuple(layer.w.cb for layer in self.layers), tuple(layer.bias for layer in self.layers),
-                        tuple([xin, *bufs]), np.array(self.relus, np.uint8))
+                        (xin, *bufs), np.array(self.relus, np.uint8))
                 ep = _compiled(numba_kernels()["chain_mv"], args)
                 out = bufs[-1].reshape(1, -1)
 
