@@ -10,7 +10,7 @@ from torch import nn
 
 from dcomp.formats.onnx_export import export_module
 from dcomp.models import build_zoo
-from dcomp.runtime.kernels import Compressed, MaxPool, SparseConv2d, SparseLinear
+from dcomp.runtime.kernels import Compressed, LinearChain, MaxPool, SparseConv2d, SparseLinear, mm_source
 from dcomp.runtime.runner import OrtRunner
 from dcomp.runtime.sparse import HybridRunner, choose_layers, choose_plan, nearest_batch
 
@@ -44,9 +44,10 @@ def test_linear_kernel_equals_dense_product(seed):
         relu = bool(trial % 2)
         for threads in (1, 2):
             layer = SparseLinear(w, bias, threads=threads, relu=relu)
-            distinct = np.unique(w[w != 0]).size  # a codebook whenever <= 256 distinct values, else raw
-            assert (layer.w.codes is not None) == (0 < distinct <= 256)
-            for batch in (1, 2, 7, 33, 64):
+            distinct = np.unique(w[w != 0]).size  # a codebook whenever <= 255 distinct values, else raw
+            assert (layer.w.pk.dtype == np.uint32) == (0 < distinct <= 255)
+            np.testing.assert_array_equal(layer.w.to_dense(), w)
+            for batch in (1, 2, 7, 8, 9, 16, 33, 64, 100):
                 x = rng.standard_normal((batch, in_f)).astype(np.float32)
                 ref = x.astype(np.float64) @ w.T.astype(np.float64) + bias
                 close(layer(x), np.maximum(ref, 0) if relu else ref)
@@ -60,6 +61,34 @@ def test_linear_kernel_large_layer_uses_the_pool_and_is_exact():
     for batch in (1, 8, 64):
         x = rng.standard_normal((batch, 2048)).astype(np.float32)
         close(layer(x), x.astype(np.float64) @ w.T.astype(np.float64))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_chain_equals_the_layers_one_by_one(threads):
+    rng = np.random.default_rng(3)
+    sizes = [700, 300, 1, 129]  # includes a one-wide layer and odd widths
+    ws = [sparse_weight(rng, (o, i), s, lv) for o, i, s, lv in
+          zip(sizes[1:], sizes[:-1], [0.9, 0.0, 1.0], [32, None, 4])]
+    bs = [rng.standard_normal(w.shape[0]).astype(np.float32) for w in ws]
+    relus = [True, False, True]
+    chain = LinearChain([SparseLinear(w, b, threads=threads) for w, b in zip(ws, bs)], relus)
+    for batch in (1, 5, 8, 17, 64):
+        x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+        ref = x.astype(np.float64)
+        for w, b, r in zip(ws, bs, relus):
+            ref = ref @ w.T.astype(np.float64) + b
+            ref = np.maximum(ref, 0) if r else ref
+        close(chain(x), ref)
+        close(chain(x), ref)  # buffers reused: same answer on the second call
+
+
+def test_generated_batch_kernels_are_current():
+    from pathlib import Path
+
+    import dcomp.runtime.kernels as k
+
+    assert (Path(k.__file__).parent / "_mm_kernels.py").read_text() == mm_source(), \
+        "regenerate: python -c 'import dcomp.runtime.kernels as k; print(k.mm_source(), end=\"\")' > dcomp/runtime/_mm_kernels.py"
 
 
 def test_kernel_reuses_its_buffers_and_checks_the_input_size():
@@ -214,3 +243,42 @@ def test_cli_bench_shows_the_per_layer_choice(tmp_path):
     for lay in hy["info"]["layers"]:
         assert set(lay["choice"]) == {"1", "2"}
         assert all(v.startswith("sparse") or v.startswith("dense") for v in lay["choice"].values())
+
+
+def test_batchnorm_is_folded_into_the_sparse_convolution():
+    from dcomp.runtime.sparse import fold_batchnorm
+
+    torch.manual_seed(0)
+    shape = (1, 16, 16)
+    model = build_zoo("vgg-small", shape, 10)
+    with torch.no_grad():  # BatchNorm that does something: random statistics and affine terms
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    model = pruned(model, sparsity=0.9)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the caller's model is untouched
+    h = HybridRunner(model, shape, threads=2, calibrate=None)
+    plan = h.describe()["plans"]["1"]
+    assert plan.startswith("sparse:features.0+relu > sparse:features.3+relu+pool2")  # no onnxruntime step for BN
+    x = np.random.default_rng(0).standard_normal((3, *shape), dtype=np.float32)
+    close(h.run(x), OrtRunner(export_module(model, shape), 1).run(x))
+
+
+def test_global_average_pool_runs_natively_and_relu_after_it_is_not_hoisted():
+    torch.manual_seed(0)
+    shape = (2, 6, 6)
+    before = nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    after = nn.Sequential(nn.Conv2d(2, 8, 3), nn.AdaptiveAvgPool2d(1), nn.ReLU(), nn.Flatten(), nn.Linear(8, 4))
+    for model, native in ((before, True), (after, False)):
+        model = pruned(model, sparsity=0.5)
+        with torch.no_grad():
+            model[0].bias.copy_(torch.linspace(-1, 1, 8))  # some channel means negative: ReLU placement matters
+        h = HybridRunner(model, shape, threads=1, calibrate=None)
+        assert ("gap" in h.describe()["plans"]["1"]) == native
+        x = np.random.default_rng(0).standard_normal((3, *shape), dtype=np.float32)
+        close(h.run(x), OrtRunner(export_module(model, shape), 1).run(x))

@@ -44,6 +44,9 @@ KERNELS = ("numba", "torch")
 # A sparse layer must beat its dense cost by this factor to be chosen: timing noise on a loaded
 # machine is +-10-30%, and a wrong "sparse" costs more than a wrong "dense" (the fallback exists).
 DEFAULT_MARGIN = 1.1
+# The whole hybrid plan must beat the whole dense model by this factor at load, else dense runs:
+# a plan within 5% is not worth the risk of being the slower one.
+PLAN_MARGIN = 1.05
 # Calibration compares the 25th percentile of interleaved timings, not the median: on a loaded
 # machine preemption adds long, random delays to single calls (both kinds alike), and a median of a
 # few calls can still land on one (measured: a 0.8 ms layer timed at 5.4 ms and run dense).
@@ -121,6 +124,22 @@ class Plan:
         return [c.name for c in self.candidates]
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with each BatchNorm that directly follows a Conv2d or Linear
+    (and has no other input) folded into that layer's weight and bias (torch.fx's ``fuse``), so the
+    sparse kernel runs convolution and normalisation in one pass. Zeros stay zeros (each output
+    channel is scaled); shared values are scaled per channel, so such a layer runs from float
+    values instead of a codebook. The model itself when it has no BatchNorm or cannot be traced."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model.eval())
+    except Exception:  # noqa: BLE001 - untraceable: plan_hybrid says so with a clear message
+        return model
+
+
 def _conv_supported(m: nn.Conv2d) -> str | None:
     if m.groups != 1:
         return "grouped convolution"
@@ -177,7 +196,8 @@ def plan_hybrid(model: nn.Module, input_shape, min_sparsity: float = 0.3) -> Pla
 
 
 def _native_op(gm, n) -> tuple | None:
-    """("relu",), ("flatten",), ("pool", k) or ("id",) for a node the runner does itself; else None."""
+    """("relu",), ("flatten",), ("pool", k), ("gap",) (global average pooling) or ("id",) for a node
+    the runner does itself; else None."""
     import operator
 
     import torch.nn.functional as F
@@ -198,6 +218,8 @@ def _native_op(gm, n) -> tuple | None:
             dil = m.dilation if isinstance(m.dilation, int) else max(m.dilation)
             if k and k == s and pad == 0 and dil == 1 and not m.ceil_mode and not m.return_indices:
                 return ("pool", int(k))
+        if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+            return ("gap",)
         return None
     if n.op == "call_function":
         if n.target in (torch.relu, F.relu) and len(n.args) == 1:
@@ -226,6 +248,9 @@ def _native_segment(gm, seg_nodes, start) -> list[tuple] | None:
             return None
         ops.append(op)
         prev = n
+    kinds = [o[0] for o in ops]
+    if "gap" in kinds and "relu" in kinds[kinds.index("gap"):]:
+        return None  # ReLU after an average does not commute with it (the runner hoists ReLU)
     return ops
 
 
@@ -317,7 +342,7 @@ class HybridRunner:
             raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         self.name, self.kernel, self.threads = name, kernel, max(1, int(threads))
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.model = model.eval()
+        self.model = model = fold_batchnorm(model.eval())
         self.plan = plan or plan_hybrid(model, input_shape, min_sparsity)
         if kernel == "torch":
             for c in [c for c in self.plan.candidates if c.kind != "linear"]:
@@ -384,7 +409,11 @@ class HybridRunner:
                     shape = (shape[0], shape[1] // ops[0][1], shape[2] // ops[0][1])
                     ops = ops[1:]
                 for o in ops:
-                    if o[0] == "pool":
+                    if o[0] == "gap":  # global average pooling: (B, C, H, W) -> (B, C, 1, 1)
+                        calls.append(["gap", None, relu, 1])
+                        relu = False
+                        shape = (shape[0], 1, 1)
+                    elif o[0] == "pool":
                         pool = MaxPool(o[1], shape, relu=relu)
                         relu = False
                         calls.append(["pool", pool, False, 1])
@@ -399,6 +428,8 @@ class HybridRunner:
                 data = self._export(step[1], step[2], input_name="x", output_name="y")
                 calls.append(["onnx", _OrtCall(self._session(data, self.threads), len(data)), False, 1])
                 before = None
+        if self.kernel == "numba":
+            calls = _chain_linear(calls)
         self._step_cache[key] = calls
         return calls
 
@@ -427,29 +458,38 @@ class HybridRunner:
         return costs
 
     def _verify_plans(self, seconds, log, max_tries: int = 4) -> None:
-        """Time each batch size's hybrid plan against the whole dense model. Where it is not
-        faster, drop the layer with the smallest measured gain and try again (at most
-        ``max_tries`` plans); if none wins, that batch size runs the dense model."""
+        """Time each batch size's hybrid plan against the whole dense model, interleaved. Two plans
+        start: the per-layer choice, and every candidate sparse (per-layer timing charges each
+        dense layer a whole onnxruntime call, so it can miss that cutting *all* layers removes
+        onnxruntime from the path, as for the LeNets at batch 1); the faster one that beats dense
+        wins. If neither does, drop the per-layer choice's layer with the smallest measured gain
+        and try again (at most ``max_tries`` plans); if none wins, that batch size runs dense."""
         rng = np.random.default_rng(1)
         dense = self._dense()
+        everything = frozenset(c.name for c in self.plan.candidates)
         for b in sorted(self.plans):
-            chosen = {n for n, v in self.choice[b].items() if v == "sparse"}
+            chosen = frozenset(n for n, v in self.choice[b].items() if v == "sparse")
             gain = {n: self.costs[n][b][1] - self.costs[n][b][0] for n in chosen}
             x = rng.standard_normal((b, *self.input_shape), dtype=np.float32)
             self.plans[b] = None
+            options = [o for o in dict.fromkeys([chosen, everything]) if o]
             for _ in range(max_tries):
-                if not chosen:
+                if not options:
                     break
                 if log:
-                    log(f"checking the hybrid plan ({len(chosen)} sparse layers) against dense at batch {b}")
-                calls = self._build(chosen)
-                med = interleaved_median({"hybrid": lambda: self._run_calls(calls, x), "dense": lambda: dense(x)},
-                                         seconds, min_reps=9, max_reps=300, warmup=2, quantile=CALIB_QUANTILE)
-                self.plan_costs[b] = (med["hybrid"], med["dense"])
-                if choose_plan(med["hybrid"], med["dense"]) == "hybrid":
-                    self.plans[b] = calls
+                    log(f"checking {len(options)} hybrid plan(s) ({', '.join(str(len(o)) for o in options)} sparse "
+                        f"layers) against dense at batch {b}")
+                fns = {i: (lambda calls=self._build(set(o)): self._run_calls(calls, x)) for i, o in enumerate(options)}
+                fns["dense"] = lambda: dense(x)
+                med = interleaved_median(fns, seconds, min_reps=9, max_reps=300, warmup=2, quantile=CALIB_QUANTILE)
+                best = min(range(len(options)), key=lambda i: med[i])
+                self.plan_costs[b] = (med[best], med["dense"])
+                if choose_plan(med[best], med["dense"], PLAN_MARGIN) == "hybrid":
+                    chosen = options[best]
+                    self.plans[b] = self._build(set(chosen))
                     break
-                chosen = chosen - {min(chosen, key=lambda n: gain[n])}
+                chosen = chosen - {min(chosen, key=lambda n: gain[n])} if chosen else chosen
+                options = [chosen] if chosen else []
             if self.plans[b] is not None:
                 self.choice[b] = {n: ("sparse" if n in chosen else "dense") for n in self.choice[b]}
 
@@ -457,12 +497,16 @@ class HybridRunner:
     @staticmethod
     def _run_calls(calls, x: np.ndarray) -> np.ndarray:
         for kind, obj, relu, pool in calls:
-            if kind == "sparse":
+            if kind == "chain":
+                x = obj(x)
+            elif kind == "sparse":
                 x = obj(x, relu, pool) if pool != 1 else (obj(x, relu) if relu else obj(x))
             elif kind == "onnx" or kind == "pool":
                 x = obj(x)
             elif kind == "flatten":
                 x = x.reshape(x.shape[0], -1)
+            elif kind == "gap":
+                x = (np.maximum(x, 0) if relu else x).mean(axis=(2, 3), keepdims=True, dtype=np.float32)
             else:  # relu
                 x = np.maximum(x, 0)
         return x
@@ -476,7 +520,7 @@ class HybridRunner:
         if calls is None:
             return self._dense_sess(x)
         out = self._run_calls(calls, x)
-        return out.copy() if calls[-1][0] in ("sparse", "pool") else out
+        return out.copy() if calls[-1][0] in ("sparse", "pool", "chain") else out
 
     # -- reporting
     def _model_bytes(self) -> int:
@@ -484,6 +528,7 @@ class HybridRunner:
         where a batch size falls back to it."""
         active = [calls for calls in self.plans.values() if calls is not None]
         objs = {id(obj): obj for calls in active for kind, obj, *_ in calls if kind in ("sparse", "onnx")}
+        objs.update({id(lay): lay for calls in active for kind, obj, *_ in calls if kind == "chain" for lay in obj.layers})
         total = sum(obj.nbytes for obj in objs.values())
         if any(calls is None for calls in self.plans.values()):
             total += self._dense().nbytes
@@ -507,7 +552,8 @@ class HybridRunner:
             layers.append(row)
         plans = {str(b): ("dense" if calls is None else " > ".join(
             f"sparse:{obj.name}{'+relu' if relu else ''}{f'+pool{pool}' if pool != 1 else ''}" if kind == "sparse"
-            else kind for kind, obj, relu, pool in calls))
+            else " > ".join(f"sparse:{lay.name}{'+relu' if r else ''}" for lay, r in zip(obj.layers, obj.relus))
+            if kind == "chain" else kind for kind, obj, relu, pool in calls))
             for b, calls in sorted(self.plans.items())}
         out = {"kernel": self.kernel, "threads": self.threads, "layers": layers, "plans": plans,
                "sparse_layers": [{"name": c.name, "shape": [self.layers[c.name].out_features,
@@ -521,6 +567,30 @@ class HybridRunner:
 
 
 _MISSING = object()
+
+
+def _chain_linear(calls: list) -> list:
+    """Runs of sparse Linear steps (a flatten between them is a no-op on (B, features)) become one
+    ``LinearChain`` step: activations stay in the kernel's layout between the layers."""
+    from dcomp.runtime.kernels import LinearChain
+
+    out, run = [], []
+
+    def flush():
+        if run:
+            out.append(["chain", LinearChain([c[1] for c in run], [c[2] for c in run]), False, 1])
+            run.clear()
+
+    for c in calls:
+        if c[0] == "sparse" and c[1].kind == "linear" and c[3] == 1:
+            run.append(c)
+        elif c[0] == "flatten" and run:
+            continue
+        else:
+            flush()
+            out.append(c)
+    flush()
+    return out
 
 
 class _OrtCall:
