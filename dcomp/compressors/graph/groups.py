@@ -110,7 +110,7 @@ class DependencyGraph:
     def apply(self, model: nn.Module, removed: torch.Tensor) -> dict[str, dict]:
         """Remove the classes in ``removed`` from ``model`` in place. Returns what the weights alone do not
         say, as plain data ({module: {attribute: value}}), for the checkpoint (see resize.conform)."""
-        from dcomp.compressors.graph.resize import refresh, set_attention
+        from dcomp.compressors.graph.resize import follow_norm_shapes, refresh, set_attention
 
         touched = set()
         for owner, attr in self.cuts(removed):
@@ -125,6 +125,7 @@ class DependencyGraph:
         resized: dict[str, dict] = {}
         for owner in sorted(touched):
             refresh(model.get_submodule(owner) if owner else model)
+        follow_norm_shapes(model)   # layer_norm literals of a graph-described model (no module to refresh)
         for module, attr, cls in self.attr_fixes:
             keep = (cls < 0) | ~removed[cls.clamp(min=0)]
             value = int(keep.sum())

@@ -27,7 +27,7 @@ class Slot:
     groups: int = 1      # grouped_in: the convolution's groups
 
 
-@dataclass
+@dataclass(eq=False)   # compared by identity: its fields are tensors (list.remove must not compare them)
 class Check:
     """A deferred check on a label tensor, evaluated once the classes are known."""
 
