@@ -663,3 +663,39 @@ def test_other_layer_kinds_shrink_and_rebuild():
     rebuilt = out.build_model(trust_pickle=True)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(rebuilt(x), small.eval()(x))
+
+
+def test_cli_typed_torchvision_factory_prunes_a_state_dict_and_reloads_in_a_new_process(tmp_path):
+    """Issue 11: `--arch torchvision.models:NAME --arch-kwargs '{"num_classes": 10}'` with a plain state_dict:
+    the user typed the factory, so no --trust-pickle; filter pruning shrinks it and the output rebuilds in a
+    fresh process from the checkpoint alone (weights_only load)."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from dcomp.models import build_from_factory
+
+    torch.manual_seed(0)
+    model = build_from_factory("torchvision.models:squeezenet1_1", {"num_classes": 10}).eval()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", x=rng.random((40, 3, 32, 32), dtype=np.float32), y=np.arange(40) % 10)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-m", "dcomp", "prune", str(tmp_path / "sd.pt"),
+                        "--arch", "torchvision.models:squeezenet1_1", "--arch-kwargs", '{"num_classes": 10}',
+                        "--data", f"npz:{tmp_path / 'rgb.npz'}", "--method", "filter", "-s", "0.5",
+                        "-o", str(tmp_path / "thin.pt")], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "trust-pickle" not in p.stderr
+    code = ("import sys, torch; from dcomp.formats.checkpoint import Checkpoint\n"
+            "ck = Checkpoint.from_dict(torch.load(sys.argv[1], weights_only=True))\n"
+            "m = ck.build_model()\n"
+            "print(ck.arch['target'], m.features[0].out_channels, tuple(m(torch.zeros(2, 3, 32, 32)).shape))\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "thin.pt")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    target, stem, shape = p.stdout.split(maxsplit=2)
+    assert target == "torchvision.models:squeezenet1_1" and int(stem) == model.features[0].out_channels // 2
+    assert shape.strip() == "(2, 10)"
