@@ -699,3 +699,19 @@ def test_cli_typed_torchvision_factory_prunes_a_state_dict_and_reloads_in_a_new_
     target, stem, shape = p.stdout.split(maxsplit=2)
     assert target == "torchvision.models:squeezenet1_1" and int(stem) == model.features[0].out_channels // 2
     assert shape.strip() == "(2, 10)"
+
+
+def test_cli_a_ratio_that_would_leave_no_filters_keeps_one_and_the_table_says_so(tmp_path, cli):
+    import json
+
+    _ckpt("vgg-small", (1, 8, 8)).save(tmp_path / "v.pt")
+    r = cli("--json", "prune", tmp_path / "v.pt", "--method", "filter", "-s", "0.5", "--layer", "features.0=0.99",
+            "--min-weights", "0", "-o", tmp_path / "p.pt")
+    assert r.exit_code == 0, r.output
+    row = next(x for x in json.loads(r.stdout)["layers"] if x["layer"] == "features.0")
+    assert row["units_after"] == 1 and "keeps 1 unit" in row["note"]
+    r = cli("prune", tmp_path / "v.pt", "--method", "filter", "-s", "0.5", "--layer", "features.0=0.99",
+            "--min-weights", "0", "-o", tmp_path / "q.pt")
+    assert r.exit_code == 0 and "keeps 1 unit" in r.output
+    assert Checkpoint.from_dict(torch.load(tmp_path / "q.pt", weights_only=True)).build_model()(
+        torch.zeros(2, 1, 8, 8)).shape == (2, 10)
