@@ -212,6 +212,15 @@ def build(tr: Trace) -> DependencyGraph:
             fixed_extra.append((on, f"'{c.node}' reshapes it to the fixed size {c.value}"))
             tr.unfollowed.append((c.scope or c.node, "reshape", f"fixed size {c.value} on the channel axis: kept whole"))
     for c in tr.checks:
+        if c.kind == "count":
+            # a reshape sized by another tensor's dim: the two counts must stay equal. When the same units
+            # sit on both, removing them keeps that; otherwise both are kept whole.
+            a = _on_dim(_classes(comp, c.labels), c.dim)
+            b = _on_dim(_classes(comp, c.other), c.other_dim)
+            if (a.numel() or b.numel()) and not torch.equal(torch.unique(a), torch.unique(b)):
+                fixed_extra.append((torch.cat([a, b]), f"'{c.node}' reshapes it to the size of another tensor"))
+                tr.unfollowed.append((c.scope or c.node, "reshape",
+                                      "size read from another tensor's channel count: both kept whole"))
         if c.kind == "slice":
             on = _on_dim(_classes(comp, c.labels), c.dim)
             if on.numel():

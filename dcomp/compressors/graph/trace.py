@@ -31,7 +31,8 @@ class Slot:
 class Check:
     """A deferred check on a label tensor, evaluated once the classes are known."""
 
-    kind: str            # "slice" (a dim cut at fixed offsets), "size" (a dim given as a literal), "split" (equal parts)
+    kind: str            # "slice" (a dim cut at fixed offsets), "size" (a dim given as a literal), "split" (equal parts),
+    #                      "count" (a dim sized by another tensor's dim: ``other`` along ``other_dim``)
     labels: torch.Tensor
     dim: int
     node: str
@@ -39,6 +40,24 @@ class Check:
     value: int = 0
     dynamic_dims: tuple[int, ...] = ()
     parts: int = 1
+    other: torch.Tensor | None = None
+    other_dim: int = 0
+
+
+@dataclass(eq=False)
+class DimOf:
+    """The label of a size read from a tensor's shape (``x.shape[d]``, ``x.size(d)``): which tensor, which dim.
+    A reshape that uses it on another tensor ties the two counts (a "count" check)."""
+
+    labels: torch.Tensor
+    dim: int
+
+
+@dataclass(eq=False)
+class ShapeOf:
+    """The label of ``x.shape`` / ``x.size()``: indexing it gives a :class:`DimOf`."""
+
+    labels: torch.Tensor
 
 
 @dataclass
