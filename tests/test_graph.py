@@ -783,3 +783,29 @@ def test_maxvit_shrinks_and_rebuilds():
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         torch.testing.assert_close(out.build_model(trust_pickle=True)(x), small.eval()(x))
+
+
+class WithAuxHead(nn.Module):
+    """An auxiliary head that runs only in training (Inception v3's AuxLogits needs ~299 px)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.aux = nn.Sequential(nn.AvgPool2d(5, 3), nn.Conv2d(4, 4, 1))
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = self.conv(x)
+        out = self.fc(h.mean((2, 3)))
+        if self.training:
+            return out, self.aux(h).mean((2, 3))
+        return out
+
+
+def test_an_aux_head_too_small_for_the_input_says_to_give_a_larger_one():
+    from dcomp.compressors.graph import analyse
+
+    with pytest.raises(DcompError, match="at 'aux.0'.*auxiliary heads.*larger input"):
+        analyse(WithAuxHead(), (1, 6, 6))
+    graph = analyse(WithAuxHead(), (1, 12, 12))   # large enough: the aux head reads conv's channels too
+    assert not graph.group("conv").blocked

@@ -255,8 +255,10 @@ def run(model: nn.Module, input_shape, leaves: list[str] | None = None, example:
                         val = getattr(self_obj, node.target)(*rest, **kwargs)
                 except Exception as e:  # noqa: BLE001
                     first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+                    hint = ("; the traced graph includes training-only branches such as auxiliary heads: give a "
+                            "larger input (--resize)" if "too small" in first or "can't be greater" in first else "")
                     raise DcompError(f"the model does not run on inputs of shape {list(input_shape)} "
-                                     f"(at '{node.meta.get('dcomp_scope') or node.name}': {first})") from None
+                                     f"(at '{node.meta.get('dcomp_scope') or node.name}': {first}){hint}") from None
                 labs = fx.node.map_arg(node.args, lambda n: env[n][1])
                 klabs = fx.node.map_arg(node.kwargs, lambda n: env[n][1])
                 lab = rules.apply(tr, node, args, kwargs, labs, klabs, val)
