@@ -265,9 +265,14 @@ def write_md(results: list[dict], path: Path, command: str) -> None:
     ]
     for r in results:
         ms = f"{r['ms_before']:.2f} -> {r['ms_after']:.2f} ({r['load']})" if "ms_before" in r else ""
-        kept = "; ".join(k for k in r.get("kept_whole", []) if "model output" not in k)
-        nf = "; ".join(f"{d['module']}: {d['op']}" for d in r.get("not_followed", [])[:3])
-        note = "; ".join(x for x in (kept[:160], nf[:160]) if x)
+        kept_l = [k for k in r.get("kept_whole", []) if "model output" not in k]
+        kept = (f"{len(kept_l)} reasons to keep groups whole, e.g. {kept_l[0]}" if len(kept_l) > 1
+                else "; ".join(kept_l))
+        ops: dict[str, list[str]] = {}
+        for d in r.get("not_followed", []):
+            ops.setdefault(d["op"], []).append(d["module"])
+        nf = "; ".join(f"{op} at {len(set(mods))} module(s), e.g. {mods[0]}" for op, mods in ops.items())
+        note = "; ".join(x for x in (kept[:160], nf[:240]) if x)
         res = r["status"] + (f": {r['reason']}" if r.get("reason") else "")
         def arrow(k):
             return f"{_fmt(r.get(k + '_before'))} -> {_fmt(r.get(k + '_after'))}" if r.get(k + "_after") else ""
