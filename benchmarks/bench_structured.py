@@ -257,8 +257,8 @@ def write_md(results: list[dict], path: Path, command: str) -> None:
         "so compare before/after within a row, not across rows). Input sizes are small (stated per row) to fit the "
         "sweep on this machine.",
         "",
-        f"**{passed} of the {ran} models run pass" + (f"; {len(results) - ran} of {len(results)} were not run**"
-                                                      if ran < len(results) else ".**"),
+        (f"**{passed} of the {ran} models run pass; {len(results) - ran} of {len(results)} were not run**"
+         if ran < len(results) else f"**{passed} of {ran} models pass.**"),
         "",
         "| model | input | result | params before -> after | MACs before -> after | ms before -> after (load) | groups pruned | kept whole / not followed |",
         "|---|---|---|---|---|---|---|---|",
