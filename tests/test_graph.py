@@ -663,3 +663,149 @@ def test_other_layer_kinds_shrink_and_rebuild():
     rebuilt = out.build_model(trust_pickle=True)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(rebuilt(x), small.eval()(x))
+
+
+def test_cli_typed_torchvision_factory_prunes_a_state_dict_and_reloads_in_a_new_process(tmp_path):
+    """Issue 11: `--arch torchvision.models:NAME --arch-kwargs '{"num_classes": 10}'` with a plain state_dict:
+    the user typed the factory, so no --trust-pickle; filter pruning shrinks it and the output rebuilds in a
+    fresh process from the checkpoint alone (weights_only load)."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from dcomp.models import build_from_factory
+
+    torch.manual_seed(0)
+    model = build_from_factory("torchvision.models:squeezenet1_1", {"num_classes": 10}).eval()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", x=rng.random((40, 3, 32, 32), dtype=np.float32), y=np.arange(40) % 10)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-m", "dcomp", "prune", str(tmp_path / "sd.pt"),
+                        "--arch", "torchvision.models:squeezenet1_1", "--arch-kwargs", '{"num_classes": 10}',
+                        "--data", f"npz:{tmp_path / 'rgb.npz'}", "--method", "filter", "-s", "0.5",
+                        "-o", str(tmp_path / "thin.pt")], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "trust-pickle" not in p.stderr
+    code = ("import sys, torch; from dcomp.formats.checkpoint import Checkpoint\n"
+            "ck = Checkpoint.from_dict(torch.load(sys.argv[1], weights_only=True))\n"
+            "m = ck.build_model()\n"
+            "print(ck.arch['target'], m.features[0].out_channels, tuple(m(torch.zeros(2, 3, 32, 32)).shape))\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "thin.pt")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    target, stem, shape = p.stdout.split(maxsplit=2)
+    assert target == "torchvision.models:squeezenet1_1" and int(stem) == model.features[0].out_channels // 2
+    assert shape.strip() == "(2, 10)"
+
+
+def test_cli_a_ratio_that_would_leave_no_filters_keeps_one_and_the_table_says_so(tmp_path, cli):
+    import json
+
+    _ckpt("vgg-small", (1, 8, 8)).save(tmp_path / "v.pt")
+    r = cli("--json", "prune", tmp_path / "v.pt", "--method", "filter", "-s", "0.5", "--layer", "features.0=0.99",
+            "--min-weights", "0", "-o", tmp_path / "p.pt")
+    assert r.exit_code == 0, r.output
+    row = next(x for x in json.loads(r.stdout)["layers"] if x["layer"] == "features.0")
+    assert row["units_after"] == 1 and "keeps 1 unit" in row["note"]
+    r = cli("prune", tmp_path / "v.pt", "--method", "filter", "-s", "0.5", "--layer", "features.0=0.99",
+            "--min-weights", "0", "-o", tmp_path / "q.pt")
+    assert r.exit_code == 0 and "keeps 1 unit" in r.output
+    assert Checkpoint.from_dict(torch.load(tmp_path / "q.pt", weights_only=True)).build_model()(
+        torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+class SizedByOther(nn.Module):
+    """A reshape sized by another tensor's channel count (MaxViT's attention: ``out.reshape(B, G, P, D)`` with D
+    read from its input): the counts must stay equal even when the units differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.proj = nn.Linear(8, 8)
+        self.side = nn.Linear(6, 8)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        h = self.stem(x)
+        b, d = h.shape
+        u = torch.cumsum(self.proj(h), -1)          # an op no rule follows: proj's outputs stay whole
+        s = self.side(x)
+        return self.head(torch.cat([h, u.reshape(b, d), s.view(b, s.size(1))], -1))
+
+
+def test_a_reshape_sized_by_another_tensor_keeps_both_whole():
+    from dcomp.compressors.graph import analyse, shrink
+
+    model = SizedByOther().eval()
+    graph = analyse(model, (6,))
+    assert "size of another tensor" in (graph.group("stem").blocked or "")
+    assert not graph.group("side").blocked   # sized by its own shape: free
+    small, _ = shrink(model, graph, _half(graph))
+    assert small.side.out_features == 4 and small(torch.zeros(2, 6)).shape == (2, 10)
+
+
+def test_deferred_checks_compare_by_identity():
+    """The check list is edited with list.remove: checks holding label tensors of different shapes must not
+    be compared element-wise (maxvit_t failed with 'size of tensor a (7) must match ... (2)')."""
+    from dcomp.compressors.graph.trace import Check
+
+    a = Check("size", torch.zeros(1, 7, 2), 1, "n1", "", value=7)
+    b = Check("size", torch.zeros(1, 2), 1, "n2", "", value=2)
+    checks = [a, b]
+    checks.remove(b)
+    assert checks == [a] and a != Check("size", a.labels, 1, "n1", "", value=7)
+
+
+def tiny_maxvit():
+    """torchvision's MaxVit, tiny: MBConv with SE, window and grid partitions, relative-position attention."""
+    import importlib
+
+    _tv()
+    mv = importlib.import_module("torchvision.models.maxvit")
+    return mv.MaxVit(input_size=(56, 56), stem_channels=8, partition_size=7, block_channels=[8, 16],
+                     block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.0, num_classes=10)
+
+
+def test_maxvit_shrinks_and_rebuilds():
+    """MaxViT's partitions reshape to sizes read from the input: its trunk stays whole (the einsum attention is
+    named as not followed), the MBConv and MLP hidden units shrink, and the checkpoint rebuilds."""
+    from dcomp.compressors.graph import analyse, shrink_checkpoint
+
+    ck, model = _ckpt_of("tests.test_graph:tiny_maxvit", (3, 56, 56))
+    graph = analyse(model, (3, 56, 56))
+    assert any(op == "'einsum'" for _, op, _ in graph.unfollowed)
+    out, small = shrink_checkpoint(ck, model=model, graph=graph, removed=_half(graph))
+    assert out.param_count() < 0.8 * ck.param_count()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(out.build_model(trust_pickle=True)(x), small.eval()(x))
+
+
+class WithAuxHead(nn.Module):
+    """An auxiliary head that runs only in training (Inception v3's AuxLogits needs ~299 px)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.aux = nn.Sequential(nn.AvgPool2d(5, 3), nn.Conv2d(4, 4, 1))
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = self.conv(x)
+        out = self.fc(h.mean((2, 3)))
+        if self.training:
+            return out, self.aux(h).mean((2, 3))
+        return out
+
+
+def test_an_aux_head_too_small_for_the_input_says_to_give_a_larger_one():
+    from dcomp.compressors.graph import analyse
+
+    with pytest.raises(DcompError, match="at 'aux.0'.*auxiliary heads.*larger input"):
+        analyse(WithAuxHead(), (1, 6, 6))
+    graph = analyse(WithAuxHead(), (1, 12, 12))   # large enough: the aux head reads conv's channels too
+    assert not graph.group("conv").blocked

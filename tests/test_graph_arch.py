@@ -152,3 +152,39 @@ def test_a_graph_arch_survives_a_dcz_round_trip():
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(back.build_model()(x), m(x))
+
+
+def test_a_graph_arch_convnext_shrinks_and_rebuilds_in_a_fresh_process(tmp_path):
+    """torchvision's LayerNorm2d is traced into F.layer_norm(x, (C,), w, b): in a graph description (C,) is
+    a literal. Structured pruning must shrink it with the weight, and the checkpoint must rebuild in a new
+    process from plain data (weights_only load, no pickle, no factory)."""
+    import subprocess
+    import sys
+
+    from dcomp.compressors.graph import analyse, shrink_checkpoint
+    from dcomp.formats.checkpoint import Checkpoint
+    from tests.test_graph import _half, convnext_like
+
+    torch.manual_seed(0)
+    shape = (3, 16, 16)
+    orig = convnext_like().eval()
+    ck = Checkpoint(arch={"kind": "graph", "graph": describe(orig, torch.zeros(1, *shape))}, state_dict={},
+                    input_shape=list(shape), num_classes=10)
+    ck.update_from_model(orig)
+    model = ck.build_model()
+    graph = analyse(model, shape)
+    out, small = shrink_checkpoint(ck, model=model, graph=graph, removed=_half(graph))
+    assert out.arch["kind"] == "graph" and out.param_count() < 0.5 * ck.param_count()
+    ln = [n for n in small.graph.nodes if n.op == "call_function" and "layer_norm" in str(n.target)]
+    assert ln and all(n.args[1][0] < 16 for n in ln)   # the literals shrank with the weights
+    out.save(tmp_path / "s.pt")
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3))
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch; from dcomp.formats.checkpoint import Checkpoint\n"
+            "m = Checkpoint.from_dict(torch.load(sys.argv[1], weights_only=True)).build_model()\n"
+            "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.pt"), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), small.eval()(x))

@@ -110,7 +110,7 @@ class DependencyGraph:
     def apply(self, model: nn.Module, removed: torch.Tensor) -> dict[str, dict]:
         """Remove the classes in ``removed`` from ``model`` in place. Returns what the weights alone do not
         say, as plain data ({module: {attribute: value}}), for the checkpoint (see resize.conform)."""
-        from dcomp.compressors.graph.resize import refresh, set_attention
+        from dcomp.compressors.graph.resize import follow_norm_shapes, refresh, set_attention
 
         touched = set()
         for owner, attr in self.cuts(removed):
@@ -125,6 +125,7 @@ class DependencyGraph:
         resized: dict[str, dict] = {}
         for owner in sorted(touched):
             refresh(model.get_submodule(owner) if owner else model)
+        follow_norm_shapes(model)   # layer_norm literals of a graph-described model (no module to refresh)
         for module, attr, cls in self.attr_fixes:
             keep = (cls < 0) | ~removed[cls.clamp(min=0)]
             value = int(keep.sum())
@@ -161,13 +162,22 @@ def _on_dim(cls: torch.Tensor, dim: int) -> torch.Tensor:
     """Classes of ``cls`` that do not appear at every index of ``dim`` (removing them shortens it)."""
     t = cls.movedim(dim, 0).reshape(cls.shape[dim], -1)
     rows = t.shape[0]
-    r = torch.arange(rows).unsqueeze(1).expand_as(t)
     ok = t >= 0
     if not bool(ok.any()) or rows == 1:
         return torch.empty(0, dtype=torch.long)
-    pairs = torch.unique(torch.stack([t[ok], r[ok]]), dim=1)
-    c, counts = torch.unique(pairs[0], return_counts=True)
+    r = torch.arange(rows).unsqueeze(1).expand_as(t)
+    keys = torch.unique(t[ok] * rows + r[ok])   # one int64 per distinct (class, index): a 1-D unique is fast
+    c, counts = torch.unique(keys // rows, return_counts=True)
     return c[counts < rows]
+
+
+def _compact(labels: torch.Tensor, dim: int) -> torch.Tensor:
+    """``labels`` without the repeats of broadcast dims other than ``dim`` (same (label, index along dim) pairs)."""
+    dim = dim % labels.dim() if labels.dim() else 0
+    for d in range(labels.dim()):
+        if d != dim and labels.stride(d) == 0 and labels.shape[d] > 1:
+            labels = labels.narrow(d, 0, 1)
+    return labels
 
 
 def _classes(comp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -184,7 +194,7 @@ def build(tr: Trace) -> DependencyGraph:
         comp = space.components()
         added = False
         for c in list(size_checks):
-            cls = _classes(comp, c.labels)
+            cls = _classes(comp, _compact(c.labels, c.dim))
             if _on_dim(cls, c.dim).numel() == 0:
                 continue
             carrying = [d for d in c.dynamic_dims if d != c.dim and _on_dim(cls, d).numel()]
@@ -199,7 +209,7 @@ def build(tr: Trace) -> DependencyGraph:
     comp = space.components()
     n = int(comp.max()) + 1 if comp.numel() else 0
     for c in size_checks:
-        cls = _classes(comp, c.labels)
+        cls = _classes(comp, _compact(c.labels, c.dim))
         on = _on_dim(cls, c.dim)
         if on.numel() == 0:
             continue
@@ -211,8 +221,17 @@ def build(tr: Trace) -> DependencyGraph:
             fixed_extra.append((on, f"'{c.node}' reshapes it to the fixed size {c.value}"))
             tr.unfollowed.append((c.scope or c.node, "reshape", f"fixed size {c.value} on the channel axis: kept whole"))
     for c in tr.checks:
+        if c.kind == "count":
+            # a reshape sized by another tensor's dim: the two counts must stay equal. When the same units
+            # sit on both, removing them keeps that; otherwise both are kept whole.
+            a = _on_dim(_classes(comp, _compact(c.labels, c.dim)), c.dim)
+            b = _on_dim(_classes(comp, _compact(c.other, c.other_dim)), c.other_dim)
+            if (a.numel() or b.numel()) and not torch.equal(torch.unique(a), torch.unique(b)):
+                fixed_extra.append((torch.cat([a, b]), f"'{c.node}' reshapes it to the size of another tensor"))
+                tr.unfollowed.append((c.scope or c.node, "reshape",
+                                      "size read from another tensor's channel count: both kept whole"))
         if c.kind == "slice":
-            on = _on_dim(_classes(comp, c.labels), c.dim)
+            on = _on_dim(_classes(comp, _compact(c.labels, c.dim)), c.dim)
             if on.numel():
                 fixed_extra.append((on, f"'{c.node}' cuts it at fixed offsets"))
                 tr.unfollowed.append((c.scope or c.node, "slice/split", "fixed offsets on the channel axis: kept whole"))

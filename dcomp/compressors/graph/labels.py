@@ -56,10 +56,12 @@ class LabelSpace:
         ok = (a >= 0) & (b >= 0) & (a != b)
         if not bool(ok.any()):
             return
-        pairs = torch.stack([a[ok], b[ok]])
-        if pairs.shape[1] > 64:
-            pairs = torch.unique(pairs, dim=1)
-        self.edges.append(pairs)
+        a, b = a[ok], b[ok]
+        if a.numel() > 64:   # drop repeated pairs; one int64 key per pair (a 1-D unique is far faster than dim=1)
+            n = int(torch.maximum(a.max(), b.max())) + 1
+            keys = torch.unique(a * n + b)
+            a, b = keys // n, keys % n
+        self.edges.append(torch.stack([a, b]))
 
     def fix(self, labels: torch.Tensor, reason: str) -> None:
         lab = labels.reshape(-1)

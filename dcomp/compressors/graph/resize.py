@@ -7,6 +7,11 @@ model at its original shapes, the plain-data ``resized`` record (``{module: {att
 e.g. an attention module's ``num_heads``/``head_dim`` or ViT's ``hidden_dim``) is applied, and
 every parameter or buffer stored at another shape is replaced by an empty one of the stored shape
 before ``refresh``; ``load_state_dict`` then fills the values.
+
+A model rebuilt from a plain-data graph (``dcomp.models.graph_arch``) has no module attributes to
+refresh where a container's forward was traced into a functional call: torchvision's ``LayerNorm2d``
+becomes ``F.layer_norm(x, (C,), weight, bias, eps)`` with ``(C,)`` a literal of the graph.
+``follow_norm_shapes`` sets such literals from the weight they normalise with.
 """
 
 from __future__ import annotations
@@ -41,6 +46,44 @@ def refresh(m: nn.Module) -> None:
     elif isinstance(m, nn.MultiheadAttention):
         if m.in_proj_weight is not None:
             m.embed_dim = m.kdim = m.vdim = int(m.in_proj_weight.shape[1])
+
+
+def follow_norm_shapes(model: nn.Module) -> bool:
+    """In an fx.GraphModule, make every ``layer_norm`` whose weight (or bias) is a stored tensor take its
+    ``normalized_shape`` from that tensor's shape (the graph holds it as a literal). True if one changed."""
+    import torch.fx as fx
+    import torch.nn.functional as F
+
+    if not isinstance(model, fx.GraphModule):
+        return False
+    changed = False
+    for node in model.graph.nodes:
+        if node.op != "call_function" or node.target not in (F.layer_norm, torch.layer_norm):
+            continue
+        args, kwargs = list(node.args), dict(node.kwargs)
+        shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+        ref = None
+        for pos, key in ((2, "weight"), (3, "bias")):
+            n = args[pos] if len(args) > pos else kwargs.get(key)
+            if getattr(n, "op", None) == "get_attr":
+                ref = n
+                break
+        if ref is None or not isinstance(shape, (list, tuple)) or not all(type(s) is int for s in shape):
+            continue
+        want = tuple(int(s) for s in model.get_parameter(ref.target).shape) \
+            if ref.target in dict(model.named_parameters()) else tuple(model.get_buffer(ref.target).shape)
+        if tuple(shape) == want or len(want) != len(shape):
+            continue
+        new = type(shape)(want) if isinstance(shape, tuple) else list(want)
+        if len(args) > 1:
+            args[1] = new
+        else:
+            kwargs["normalized_shape"] = new
+        node.args, node.kwargs = tuple(args), kwargs
+        changed = True
+    if changed:
+        model.recompile()
+    return changed
 
 
 def conform(model: nn.Module, state_dict: dict[str, torch.Tensor], resized: dict | None = None) -> list[str]:
@@ -84,4 +127,6 @@ def conform(model: nn.Module, state_dict: dict[str, torch.Tensor], resized: dict
         if touched:
             refresh(mod)
             changed.append(name)
+    if follow_norm_shapes(model):
+        changed.append("(layer_norm shapes of the graph)")
     return sorted(set(changed))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcomp.compressors.graph.labels import WILD
-from dcomp.compressors.graph.trace import Attention, Check, Trace, _tensors
+from dcomp.compressors.graph.trace import Attention, Check, DimOf, ShapeOf, Trace, _tensors
 
 POINTWISE = {
     "relu", "relu_", "relu6", "gelu", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish",
@@ -94,6 +94,9 @@ def apply(tr: Trace, node, args, kwargs, labs, klabs, out):
         return tuple(labs) + tuple(klabs.values())
     if not isinstance(out, (torch.Tensor, list, tuple)) or (isinstance(out, (list, tuple)) and not any(
             isinstance(o, torch.Tensor) for o in out)):
+        shape = _shape_label(name, args, labs)
+        if shape is not None:
+            return shape
         if name == "getitem" and isinstance(labs[0], (list, tuple)):
             return labs[0][args[1]] if isinstance(args[1], int) else None
         return None  # sizes, flags, Python numbers
@@ -131,6 +134,20 @@ def apply(tr: Trace, node, args, kwargs, labs, klabs, out):
     if name in ("shifted_window_attention", "window_attention"):
         return _window_attention(tr, node, args, kwargs, labs, klabs, out)
     return tr.unknown(node, f"'{name}'", (labs, klabs), out)
+
+
+def _shape_label(name, args, labs):
+    """Where a size comes from: ``x.shape`` / ``x.size()`` -> ShapeOf, ``x.shape[d]`` / ``x.size(d)`` -> DimOf."""
+    x = labs[0] if labs else None
+    if name == "getattr" and isinstance(x, torch.Tensor) and len(args) > 1 and args[1] == "shape":
+        return ShapeOf(x)
+    if name == "size" and isinstance(x, torch.Tensor):
+        if len(args) > 1 and isinstance(args[1], int):
+            return DimOf(x, args[1] % max(x.dim(), 1))
+        return ShapeOf(x)
+    if name == "getitem" and isinstance(x, ShapeOf) and isinstance(args[1], int):
+        return DimOf(x.labels, args[1] % max(x.labels.dim(), 1))
+    return None
 
 
 def _any_label(labs, out):
@@ -388,6 +405,13 @@ def _structural(tr: Trace, node, name, args, kwargs, labs, out):
         for i, s in enumerate(sizes):
             if isinstance(s, int) and s != -1 and i > 0 and s > 1:
                 tr.checks.append(Check("size", res, i, node.name, scope, value=s, dynamic_dims=dyn))
+        size_labs = labs[1:] if method else (labs[1] if len(labs) > 1 else ())
+        if method and len(size_labs) == 1 and isinstance(size_labs[0], (list, tuple)):
+            size_labs = size_labs[0]
+        if len(size_labs) == res.dim():
+            for i, d in enumerate(size_labs):
+                if isinstance(d, DimOf) and (d.labels is not x or d.dim != i):
+                    tr.checks.append(Check("count", res, i, node.name, scope, other=d.labels, other_dim=d.dim))
         return res
     if name in ("view_as", "reshape_as"):
         return x.reshape(out.shape)

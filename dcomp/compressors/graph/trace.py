@@ -27,11 +27,12 @@ class Slot:
     groups: int = 1      # grouped_in: the convolution's groups
 
 
-@dataclass
+@dataclass(eq=False)   # compared by identity: its fields are tensors (list.remove must not compare them)
 class Check:
     """A deferred check on a label tensor, evaluated once the classes are known."""
 
-    kind: str            # "slice" (a dim cut at fixed offsets), "size" (a dim given as a literal), "split" (equal parts)
+    kind: str            # "slice" (a dim cut at fixed offsets), "size" (a dim given as a literal), "split" (equal parts),
+    #                      "count" (a dim sized by another tensor's dim: ``other`` along ``other_dim``)
     labels: torch.Tensor
     dim: int
     node: str
@@ -39,6 +40,24 @@ class Check:
     value: int = 0
     dynamic_dims: tuple[int, ...] = ()
     parts: int = 1
+    other: torch.Tensor | None = None
+    other_dim: int = 0
+
+
+@dataclass(eq=False)
+class DimOf:
+    """The label of a size read from a tensor's shape (``x.shape[d]``, ``x.size(d)``): which tensor, which dim.
+    A reshape that uses it on another tensor ties the two counts (a "count" check)."""
+
+    labels: torch.Tensor
+    dim: int
+
+
+@dataclass(eq=False)
+class ShapeOf:
+    """The label of ``x.shape`` / ``x.size()``: indexing it gives a :class:`DimOf`."""
+
+    labels: torch.Tensor
 
 
 @dataclass
@@ -236,8 +255,10 @@ def run(model: nn.Module, input_shape, leaves: list[str] | None = None, example:
                         val = getattr(self_obj, node.target)(*rest, **kwargs)
                 except Exception as e:  # noqa: BLE001
                     first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+                    hint = ("; the traced graph includes training-only branches such as auxiliary heads: give a "
+                            "larger input (--resize)" if "too small" in first or "can't be greater" in first else "")
                     raise DcompError(f"the model does not run on inputs of shape {list(input_shape)} "
-                                     f"(at '{node.meta.get('dcomp_scope') or node.name}': {first})") from None
+                                     f"(at '{node.meta.get('dcomp_scope') or node.name}': {first}){hint}") from None
                 labs = fx.node.map_arg(node.args, lambda n: env[n][1])
                 klabs = fx.node.map_arg(node.kwargs, lambda n: env[n][1])
                 lab = rules.apply(tr, node, args, kwargs, labs, klabs, val)
