@@ -389,12 +389,18 @@ class _CentroidLr(Callback):
 class CentroidFinetune(Callback):
     """Fine-tune a quantized model's codebooks with the assignments fixed (Han et al.).
 
-    After backward, each centroid moves by ``-lr * sum`` of the gradients of the weights assigned
+    After backward, each centroid moves by ``-lr * mean`` of the gradients of the weights assigned
     to it (pruned positions excluded); after every optimizer step the quantized weights are
     rewritten to ``where(mask, codebook[assignments], 0)``, so they always equal their centroid.
     The optimizer must not own those weights: pass ``trainable_parameters()`` to ``fit``.
     ``lr``: fixed centroid learning rate; default the optimizer's current (scheduled) rate,
     or ``ctx.state["centroid_lr"]`` when a callback set it.
+
+    Why the mean: the loss gradient of a centroid is the SUM over its cluster, which grows with the
+    cluster's size. Han et al. step by the sum, which is stable with 32 clusters of a few hundred
+    weights at a small rate, but with 2-4 clusters of thousands of weights one step moved a
+    centroid by thousands of single-weight steps and training diverged (loss NaN). The mean moves a
+    centroid at the scale of one weight's step whatever the cluster size.
     """
 
     def __init__(self, ckpt: Checkpoint, model: nn.Module, lr: float | None = None):
@@ -407,7 +413,16 @@ class CentroidFinetune(Callback):
         self.codebooks = {n: ckpt.quant[n]["codebook"].detach().float().clone() for n in self.names}
         self.assign = {n: ckpt.quant[n]["assignments"].long().reshape(-1) for n in self.names}
         self.masks = {n: ckpt.masks.get(n) for n in self.names}
+        self.counts = {n: self._counts(n, self.masks[n]) for n in self.names}
         self.steps = 0
+
+    def _counts(self, name: str, mask: torch.Tensor | None) -> torch.Tensor:
+        """Live weights per centroid (at least 1, so an empty cluster gets a zero step)."""
+        a = self.assign[name]
+        ones = torch.ones(a.shape, dtype=torch.float32)
+        if mask is not None:
+            ones = mask.reshape(-1).float()
+        return torch.zeros(self.codebooks[name].numel()).scatter_add_(0, a, ones).clamp_(min=1.0)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer may update: every parameter except the quantized weights."""
@@ -442,7 +457,7 @@ class CentroidFinetune(Callback):
                 g = torch.where(mask.reshape(-1), g, torch.zeros((), dtype=g.dtype))
             cb = self.codebooks[n]
             sums = torch.zeros_like(cb).scatter_add_(0, self.assign[n], g)
-            cb.sub_(lr * sums)
+            cb.sub_(lr * sums / self.counts[n])
             p.grad = None  # the optimizer must not move a shared weight itself
         self.steps += 1
 
