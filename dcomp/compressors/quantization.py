@@ -66,6 +66,14 @@ class QuantizeConfig(BaseModel):
     exclude: list[str] = Field(default_factory=list, description="regexes of parameter names left unquantized")
     init: Literal["linear", "density", "random"] = Field("linear", description="k-means initialisation")
     max_iter: int = Field(1000, ge=1, description="Lloyd iterations at most (each is O(k log n))")
+    codebook: Literal["kmeans", "uniform"] = Field(
+        "kmeans", description="kmeans: 2^bits shared values from 1-D k-means; uniform: 2^bits equally spaced levels "
+                              "from the smallest to the largest weight of the layer (a fixed grid)")
+    rd_lambda: float = Field(0.0, ge=0, description="rate-distortion rounding: each weight goes to the level minimising "
+                                                    "(w - c)^2 / var(w) + rd_lambda x code length of c in bits (the "
+                                                    "label frequencies, re-estimated; with kmeans the levels too): "
+                                                    "fewer bits per index once entropy-coded, at some error. 0: "
+                                                    "nearest level (plain k-means / uniform rounding)")
     requantize: bool = Field(False, description="allow asking more bits than a layer is already quantized to")
     finetune: TrainConfig | None = Field(None, description="centroid fine-tuning after clustering (needs data)")
     centroid_lr: float | None = Field(None, gt=0, description="centroid learning rate (default: the optimizer's)")
@@ -217,13 +225,22 @@ def check_quantized(ckpt: Checkpoint) -> None:
 
 @torch.no_grad()
 def quantize_weight(weight: torch.Tensor, mask: torch.Tensor | None, bits: int, init: str = "linear",
-                    max_iter: int = 1000, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor, dict[str, Any]]:
-    """Cluster one weight: (quant entry, new weight, per-layer metrics)."""
+                    max_iter: int = 1000, seed: int = 0, levels: str = "kmeans",
+                    rd_lambda: float = 0.0) -> tuple[dict[str, Any], torch.Tensor, dict[str, Any]]:
+    """Cluster one weight: (quant entry, new weight, per-layer metrics). ``codebook``/``rd_lambda``:
+    ``levels`` is QuantizeConfig.codebook (k-means or a uniform grid, then rate-distortion rounding when rd_lambda > 0)."""
     w = weight.detach()
     values = w[mask] if mask is not None else w.reshape(-1)
     values32 = values.float()
     k = 2 ** bits
     res = kmeans1d(values32, k, init=init, max_iter=max_iter, seed=seed, with_inertia=False)
+    rd = None
+    if res.distinct > k and (levels == "uniform" or rd_lambda > 0):
+        from dcomp.compressors.kmeans import rd_quantize1d, uniform_levels
+
+        start = uniform_levels(values32, k) if levels == "uniform" else res.codebook
+        rd = rd_quantize1d(values32, start, rd_lambda, update_centroids=levels == "kmeans")
+        res.codebook, res.labels = rd.codebook, rd.labels
     codebook = res.codebook.to(w.dtype).float() if res.codebook.numel() else torch.zeros(1)
     if mask is not None and res.codebook.numel():
         # a pruned layer's zero pattern must not change: a non-zero weight may not become exactly 0
@@ -246,6 +263,11 @@ def quantize_weight(weight: torch.Tensor, mask: torch.Tensor | None, bits: int, 
         "sqnr_db": (10 * math.log10(signal / sse) if sse > 0 and signal > 0 else None),
         "iterations": res.iterations, "converged": res.converged,
     }
+    from dcomp.compressors.kmeans import label_entropy
+
+    metrics["index_entropy"] = label_entropy(res.labels)  # bits per non-zero weight, order 0
+    if rd is not None:
+        metrics.update({"levels": levels, "rd_lambda": rd_lambda, "rd_iterations": rd.iterations})
     if res.distinct < k:
         metrics["note"] = f"only {res.distinct} distinct values: {res.distinct} clusters, exact"
     entry = {"bits": int(bits), "codebook": codebook.contiguous(), "assignments": assignments}
@@ -268,7 +290,8 @@ def apply_quantize(ckpt: Checkpoint, cfg: QuantizeConfig, ctx: StageContext, pro
     layers: dict[str, dict[str, Any]] = {}
     for i, (name, bits) in enumerate(plan.items()):
         mask = out.masks.get(name)
-        entry, new_w, m = quantize_weight(out.state_dict[name], mask, bits, cfg.init, cfg.max_iter, ctx.seed + i)
+        entry, new_w, m = quantize_weight(out.state_dict[name], mask, bits, cfg.init, cfg.max_iter, ctx.seed + i,
+                                          cfg.codebook, cfg.rd_lambda)
         out.state_dict[name] = new_w
         out.quant[name] = entry
         layers[name] = m
