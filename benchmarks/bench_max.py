@@ -40,7 +40,9 @@ CASES = {
     "lenet-300-100": ("lenet-300-100", "configs/lenet-300-100-max.yaml", f"npz:{DATA}", 30, [], 150, 0.3),
     "lenet-5": ("lenet-5", "configs/lenet5-max.yaml", f"npz:{DATA}", 20, [], 300, 0.3),
     "lenet-300-100-digits": ("lenet-300-100", "configs/lenet-300-100-max.yaml", "digits", 20,
-                             ["stages.0.layers={fc1: 0.95, fc2: 0.95, fc3: 0.8}", "stages.0.sparsity=0.95"], 50, 0.5),
+                             ["stages.0.layers={fc1: 0.95, fc2: 0.95, fc3: 0.8}", "stages.0.sparsity=0.95",
+                              # the prior's weight is per training sample: 1,437 digits, not 8,000
+                              "stages.2.sws.tau=0.1"], 50, 0.5),
 }
 
 # published figures (their own training sets: 60,000 MNIST images; dense float32 vs their file)
