@@ -49,12 +49,15 @@ def dcomp(*args: str) -> str:
     return r.stdout
 
 
-def compress(work: Path) -> dict:
+MODELS = {"lenet-300-100": "deep-compression.yaml", "lenet-5": "lenet5.yaml"}
+
+
+def compress(work: Path, arch: str = "lenet-300-100") -> dict:
     """Train the base model and run the shortened recipe; returns the run summary."""
-    base = work / "lenet-300-100.pt"
+    base = work / f"{arch}.pt"
     data = f"npz:{DATA}"
-    dcomp("train", "--arch", "lenet-300-100", "--data", data, "--epochs", str(EPOCHS["train"]), "-o", str(base))
-    recipe = yaml.safe_load((ROOT / "configs" / "deep-compression.yaml").read_text())
+    dcomp("train", "--arch", arch, "--data", data, "--epochs", str(EPOCHS["train"]), "-o", str(base))
+    recipe = yaml.safe_load((ROOT / "configs" / MODELS[arch]).read_text())
     recipe["name"] = "deep-compression-size-bench"
     stages = []
     for s in recipe["stages"]:

@@ -36,15 +36,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dcomp.errors import DcompError, UsageError
-from dcomp.formats.checkpoint import Checkpoint, atomic_write, read_checkpoint
-from dcomp.stages import StageContext, StageResult
-from dcomp.train import FINETUNE_DEFAULTS, TrainConfig
+from dcomp.config.train import FINETUNE_DEFAULTS, TrainConfig
+
+if TYPE_CHECKING:  # torch-free at import: `recipe validate` must not pay for torch
+    from dcomp.formats.checkpoint import Checkpoint
+    from dcomp.stages import StageContext, StageResult
 
 RECIPE_VERSION = 1
 # Command-line spellings accepted in recipes too (old scripts and habits): flag -> (block, key).
@@ -122,25 +124,25 @@ def _lazy(path: str) -> Callable[[], Any]:
 
 
 STAGES: dict[str, StageSpec] = {
-    "prune": StageSpec(_lazy("dcomp.compressors.pruning:PruneConfig"), "checkpoint",
+    "prune": StageSpec(_lazy("dcomp.config.prune:PruneConfig"), "checkpoint",
                        "magnitude / global / std / N:M / structured pruning, optionally iterative"),
-    "retrain": StageSpec(_lazy("dcomp.retrain:RetrainConfig"), "checkpoint",
+    "retrain": StageSpec(_lazy("dcomp.config.retrain:RetrainConfig"), "checkpoint",
                          "fine-tune with masks kept; AGP, DNS, IHT/DSD, L1, group lasso, distillation"),
-    "distill": StageSpec(_lazy("dcomp.retrain:RetrainConfig"), "checkpoint",
+    "distill": StageSpec(_lazy("dcomp.config.retrain:RetrainConfig"), "checkpoint",
                          "retrain with a teacher (distill.teacher: 'input' = the run's input model)"),
-    "dafl": StageSpec(_lazy("dcomp.compressors.dafl:DistillStudentConfig"), "checkpoint",
+    "dafl": StageSpec(_lazy("dcomp.config.dafl:DistillStudentConfig"), "checkpoint",
                       "distil the current model into a student (student/width); data-free (DAFL) by default"),
-    "quantize": StageSpec(_lazy("dcomp.compressors.quantization:QuantizeConfig"), "checkpoint",
+    "quantize": StageSpec(_lazy("dcomp.config.quantize:QuantizeConfig"), "checkpoint",
                           "k-means weight sharing, optional centroid fine-tuning"),
     "finetune": StageSpec(lambda: FinetuneConfig, "checkpoint", "centroid fine-tuning of a quantized model"),
     "pack": StageSpec(_lazy("dcomp.formats.dcz:PackConfig"), "dcz",
                       "write the .dcz: sparse relative indices, codebooks, Huffman streams"),
     "eval": StageSpec(lambda: EvalConfig, "metrics", "test accuracy of the current model (of the .dcz after pack)"),
-    "bench": StageSpec(_lazy("dcomp.runtime.bench:BenchConfig"), "metrics",
+    "bench": StageSpec(_lazy("dcomp.config.bench:BenchConfig"), "metrics",
                        "onnxruntime latency/throughput/size of the result beside the input model"),
-    "factorize": StageSpec(_lazy("dcomp.compressors.lowrank:FactorizeConfig"), "checkpoint",
+    "factorize": StageSpec(_lazy("dcomp.config.factorize:FactorizeConfig"), "checkpoint",
                            "low-rank factorization (truncated SVD) of Linear/Conv2d layers into two layers"),
-    "sweep": StageSpec(_lazy("dcomp.compressors.sensitivity:SweepConfig"), "metrics",
+    "sweep": StageSpec(_lazy("dcomp.config.sweep:SweepConfig"), "metrics",
                        "accuracy vs sparsity per method and layer; a later prune with max_drop chooses from it"),
 }
 
@@ -485,7 +487,7 @@ class WorkdirLock:
         return False
 
 
-StageRunner = Callable[[Checkpoint, Stage, StageContext, "RunState"], tuple[Checkpoint | None, bytes | None, dict]]
+StageRunner = Callable[["Checkpoint", Stage, "StageContext", "RunState"], tuple["Checkpoint | None", "bytes | None", dict]]
 
 
 @dataclass
@@ -516,6 +518,8 @@ def run_recipe(recipe: Recipe, model_bytes: bytes, source: str, workdir: Path, c
 
 def _run_locked(recipe: Recipe, model_bytes: bytes, workdir: Path, ctx: StageContext, input_ckpt: Checkpoint,
                 on_stage, fresh: bool, settings) -> tuple[RunState, list[RunRecord]]:
+    from dcomp.atomic import atomic_write
+
     log = workdir / "run.jsonl"
     if fresh and log.exists():
         log.unlink()
@@ -585,6 +589,8 @@ def _restore(workdir: Path, prev: dict[str, Any], spec: StageSpec, state: RunSta
 def _reread(data: bytes, source: str, state) -> Checkpoint:
     """A stage output this run wrote, read back: it keeps what the user vouched for on the input
     (typed --arch, their own TorchScript), since its architecture came from there."""
+    from dcomp.formats.checkpoint import read_checkpoint
+
     ckpt = read_checkpoint(data, source)
     ckpt.trusted_refs = state.input_ckpt.trusted_refs
     return ckpt

@@ -18,20 +18,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from dcomp.compressors.dafl import DataFreeConfig
-from dcomp.compressors.distill import DistillConfig
-from dcomp.compressors.dsd import IHTConfig
-from dcomp.compressors.regularizers import GroupLassoConfig, L1Config
-from dcomp.compressors.schedules import AGPConfig
-from dcomp.compressors.surgery import DNSConfig
-from dcomp.compressors.sws import SWSConfig
+from dcomp.config.retrain import GroupLassoConfig, RetrainConfig, default_train  # noqa: F401 - re-exported
 from dcomp.data import Dataset
 from dcomp.errors import UsageError
 from dcomp.formats.checkpoint import Checkpoint
 from dcomp.stages import StageContext, StageResult
-from dcomp.train import FINETUNE_DEFAULTS, Callback, TrainConfig, TrainResult, evaluate, fit
+from dcomp.train import Callback, TrainConfig, TrainResult, evaluate, fit
 
 
 def retrain(ckpt: Checkpoint, data: Dataset, cfg: TrainConfig, callbacks: Sequence[Callback] = (),
@@ -62,45 +54,6 @@ def retrain(ckpt: Checkpoint, data: Dataset, cfg: TrainConfig, callbacks: Sequen
 def accuracy(ckpt: Checkpoint, data: Dataset, trust_pickle: bool = False) -> float:
     """Test top-1 of a checkpoint, in percent."""
     return evaluate(ckpt.build_model(trust_pickle=trust_pickle), data.x_test, data.y_test)["top1"]
-
-
-def default_train() -> TrainConfig:
-    return TrainConfig(epochs=5, **FINETUNE_DEFAULTS)
-
-
-class RetrainConfig(BaseModel):
-    """The retrain stage: how to train, and which training-time methods to run."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    train: TrainConfig = Field(default_factory=default_train)
-    agp: AGPConfig | None = None
-    dns: DNSConfig | None = None
-    iht: IHTConfig | None = None
-    l1: L1Config | None = None
-    group_lasso: GroupLassoConfig | None = None
-    distill: DistillConfig | None = None
-    dafl: DataFreeConfig | None = None
-    sws: SWSConfig | None = None
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.dafl is not None and self.distill is not None:
-            raise ValueError("data-free retraining already distils from its teacher on generated batches; "
-                             "drop distill (the --kd-*/--cc-* options) or dafl (--data-free)")
-        if self.dafl is not None and self.train.select == "best":
-            raise ValueError("data-free retraining has no real validation split for --select best; use --select last")
-        chosen = [n for n in ("agp", "dns", "iht") if getattr(self, n) is not None]
-        if len(chosen) > 1:
-            raise ValueError(f"choose one mask method, got {' and '.join(chosen)} "
-                             f"(--schedule agp, --method dns, --method iht or dsd)")
-        if chosen and self.train.select == "best":
-            raise ValueError(f"{chosen[0]} changes the masks while training, so --select best could return "
-                             f"weights that do not fit the final masks; use --select last")
-        return self
-
-    def mask_method(self) -> str | None:
-        return next((n for n in ("agp", "dns", "iht") if getattr(self, n) is not None), None)
 
 
 def build_callbacks(ckpt: Checkpoint, cfg: RetrainConfig, seed: int = 0, teacher=None) -> list[Callback]:

@@ -30,16 +30,14 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dcomp.data import Dataset
 from dcomp.errors import DcompError
-
 
 _DEVICE = torch.device("cpu")
 
@@ -50,9 +48,9 @@ def use_device(name: str) -> None:
     _DEVICE = torch.device(name)
 
 
-# TrainConfig and FINETUNE_DEFAULTS live in dcomp.train_config (no torch import: the CLI builds
+# TrainConfig and FINETUNE_DEFAULTS live in dcomp.config.train (no torch import: the CLI builds
 # every command's --help from them without loading torch).
-from dcomp.train_config import FINETUNE_DEFAULTS, TrainConfig  # noqa: E402,F401
+from dcomp.config.train import FINETUNE_DEFAULTS, TrainConfig  # noqa: E402,F401
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,34 @@ def test_version_help_and_zoo_start_without_torch(tmp_path):
     env = {"DCOMP_CACHE_DIR": str(tmp_path)}
     assert _imports_torch("zoo", env=env)      # the first time builds the models
     assert not _imports_torch("zoo", env=env)  # then the cached table
+
+
+def test_recipe_validate_starts_without_torch(tmp_path):
+    """Every stage's options are torch-free (dcomp/config/): validating a recipe loads no torch."""
+    recipe = tmp_path / "all.yaml"
+    recipe.write_text(textwrap.dedent("""\
+        name: all-stages
+        stages:
+          - {stage: sweep, grid: [0.5, 0.9]}
+          - {stage: prune, sparsity: 0.9}
+          - {stage: retrain, train: {epochs: 1}, agp: {final_sparsity: 0.95}, l1: {lam: 1.0e-5}}
+          - {stage: distill, train: {epochs: 1}, distill: {teacher: input}}
+          - {stage: factorize, rank: 8}
+          - {stage: dafl, width: 0.5}
+          - {stage: quantize, bits: 5}
+          - {stage: finetune}
+          - {stage: eval}
+          - {stage: bench, batches: [1]}
+        """))
+    assert not _imports_torch("recipe", "validate", recipe)
+
+
+def test_weights_that_do_not_fit_name_the_file(cli, lenet_ckpt, tmp_path):
+    """A checkpoint whose tensors no longer fit its architecture: the error says which file."""
+    bad = lenet_ckpt.copy()
+    bad.state_dict["fc1.weight"] = bad.state_dict["fc1.weight"][:, :10].clone()
+    bad.save(tmp_path / "edited.pt")
+    r = cli("eval", tmp_path / "edited.pt")
+    assert r.exit_code == 1
+    line = one_error_line(r)
+    assert "edited.pt: " in line and "do not fit" in line

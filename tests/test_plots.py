@@ -25,7 +25,7 @@ def packed(tmp_path_factory, lenet_ckpt):
     """base.pt, pruned+quantized q.pt and its q.dcz."""
     from dcomp.compressors.pruning import PruneConfig, apply_prune
     from dcomp.compressors.quantization import QuantizeConfig, apply_quantize
-    from dcomp.formats.dcz import write_bytes
+    from dcomp.formats.dcz import PackConfig, write_bytes
     from dcomp.stages import StageContext
 
     d = tmp_path_factory.mktemp("plots")
@@ -33,7 +33,7 @@ def packed(tmp_path_factory, lenet_ckpt):
     pruned = apply_prune(lenet_ckpt, PruneConfig(sparsity=0.9)).checkpoint
     q = apply_quantize(pruned, QuantizeConfig(fc_bits=5), StageContext()).checkpoint
     q.save(d / "q.pt")
-    (d / "q.dcz").write_bytes(write_bytes(q))
+    (d / "q.dcz").write_bytes(write_bytes(q, PackConfig(coder="huffman")))   # Huffman streams: code lengths compared below
     return d
 
 

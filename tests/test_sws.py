@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from dcomp.compressors.kmeans import label_entropy
 from dcomp.compressors.masks import magnitude_mask
 from dcomp.compressors.quantization import QuantizeConfig, apply_quantize, check_quantized
-from dcomp.compressors.sws import SWSConfig
+from dcomp.config.retrain import SWSConfig
 from dcomp.formats.checkpoint import read_checkpoint
 from dcomp.retrain import RetrainConfig, apply_retrain
 from dcomp.stages import StageContext

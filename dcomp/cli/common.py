@@ -343,7 +343,7 @@ def with_train_options(exclude: tuple[str, ...] = (), **defaults):
     --weight-decay, --lr-schedule, --select), declared once here; the command receives their
     values as ``train_opts`` (a dict for ``train_config``). Defaults are the fine-tuning ones
     unless overridden (``dcomp train`` trains from scratch with its own)."""
-    from dcomp.train_config import FINETUNE_DEFAULTS, TrainConfig
+    from dcomp.config.train import FINETUNE_DEFAULTS, TrainConfig
 
     base = {n: f.default for n, f in TrainConfig.model_fields.items()}
     values = {**base, **FINETUNE_DEFAULTS, **defaults}
@@ -370,7 +370,7 @@ def train_config(**values):
     """Build a TrainConfig from CLI option values, turning validation errors into one line."""
     from pydantic import ValidationError
 
-    from dcomp.train_config import TrainConfig
+    from dcomp.config.train import TrainConfig
 
     try:
         return TrainConfig(**values)

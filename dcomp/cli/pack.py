@@ -25,7 +25,9 @@ def pack(
     index_bits_fc: Annotated[int, typer.Option("--index-bits-fc", help="relative-index width for fc (2-D) weights")] = 5,
     index_bits_conv: Annotated[int, typer.Option("--index-bits-conv", help="relative-index width for conv (4-D) weights")] = 8,
     no_huffman: Annotated[bool, typer.Option("--no-huffman", help="fixed-width streams only (no Huffman, no rANS)")] = False,
-    no_ans: Annotated[bool, typer.Option("--no-ans", help="no rANS streams (files readable by dcomp before format 1.3)")] = False,
+    coder: Annotated[str, typer.Option("--coder", help="stream coders: auto (default: per stream the smallest of fixed, Huffman, rANS and context-adaptive cabac; cabac within a decode budget, --cabac-budget), huffman (format 1.2, readable by dcomp before 1.3), rans, cabac")] = "auto",
+    cabac_budget: Annotated[Optional[int], typer.Option("--cabac-budget", min=0, help="with --coder auto: cabac decoding work allowed per file, in bins (default 4194304, ~0.1 s); 0 = no cabac")] = None,
+    no_ans: Annotated[bool, typer.Option("--no-ans", help="deprecated, the same as --coder huffman")] = False,
     block: Annotated[int, typer.Option("--block", help="symbols per Huffman block (decoding parallelism)")] = 1024,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip decoding the result to check it bit for bit")] = False,
     keep_times: Annotated[bool, typer.Option("--keep-times", help="keep provenance times in the file (default: none, so the same checkpoint packs to the same bytes)")] = False,
@@ -38,8 +40,14 @@ def pack(
     """Pack a checkpoint into a .dcz file (sparse indices, codebooks, canonical Huffman)."""
     from dcomp.formats import dcz
 
+    extra = {} if cabac_budget is None else {"cabac_budget": cabac_budget}
+    if no_ans:
+        if coder not in ("auto", "huffman"):
+            raise UsageError(f"--no-ans (deprecated) means --coder huffman; it contradicts --coder {coder}: drop one")
+        coder = "huffman"
     cfg = _config(index_bits=index_bits, index_bits_fc=index_bits_fc, index_bits_conv=index_bits_conv,
-                  huffman=not no_huffman, ans=not no_ans, block=block, verify=not no_verify, keep_times=keep_times, provenance=provenance)
+                  huffman=not no_huffman, coder=coder, block=block, verify=not no_verify, keep_times=keep_times,
+                  provenance=provenance, **extra)
     inp = common.read_input(model)
     sink = common.plan_output(output, inp, what=".dcz file")
     ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
@@ -127,6 +135,8 @@ def _stream_cell(s: dict | None) -> str:
         return ""
     if s["coding"] == "ans":
         return f"{s['bits_per_symbol']:.2f}a"
+    if s["coding"] == "cabac":
+        return f"{s['bits_per_symbol']:.2f}c"
     if s["coding"] == "huffman" and s.get("entropy") is not None:
         return f"{s['bits_per_symbol']:.2f}/{s['entropy']:.2f}h"
     return f"{s['bits_per_symbol']:.0f}f"

@@ -147,7 +147,7 @@ def retrain(
                                                unit=schedule_unit),
                                {"sparsity": "--sparsity", "sparse_len": "--sparse-len", "dense_len": "--dense-len"})
     if method == "sws":
-        from dcomp.compressors.sws import SWSConfig
+        from dcomp.config.retrain import SWSConfig
 
         parts["sws"] = _config(SWSConfig, dict(components=sws_components, tau=sws_tau, lr=sws_lr),
                                {"components": "--sws-components", "tau": "--sws-tau", "lr": "--sws-lr"})

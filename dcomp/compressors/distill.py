@@ -21,24 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
 from dcomp.compressors.regularizers import LayerTap
+from dcomp.config.retrain import DistillConfig
 from dcomp.errors import DcompError, UsageError
 from dcomp.train import Callback
-
-
-class DistillConfig(BaseModel):
-    """Defaults: Hinton's T = 4 / alpha = 0.9 style soft targets; Peng et al.'s gamma 0.4, P 2."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    teacher: str = Field(..., description="teacher model file (any format dcomp reads)")
-    temperature: float = Field(4.0, gt=0, description="T: softmax temperature of the soft targets")
-    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (KD) term; 1 - alpha weighs the hard CE")
-    cc_weight: float = Field(0.0, ge=0, description="weight of the correlation-congruence term (0 = off)")
-    cc_gamma: float = Field(0.4, gt=0, description="gamma of the Gaussian RBF kernel")
-    cc_order: int = Field(2, ge=0, le=8, description="P: order of the kernel's Taylor expansion")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float,

@@ -19,25 +19,12 @@ Without ``sparsity`` each layer keeps the sparsity its input mask had (``prune |
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from dcomp.compressors.masks import magnitude_mask, sparsity_of
-from dcomp.compressors.schedules import MaskOwner, Unit, target_layers, to_steps
+from dcomp.compressors.schedules import MaskOwner, target_layers, to_steps
+from dcomp.config.retrain import IHTConfig
 from dcomp.errors import DcompError
-
-
-class IHTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["iht", "dsd"] = Field("iht", description="iht starts sparse, dsd starts dense; both end sparse")
-    sparsity: float | None = Field(None, gt=0.0, lt=1.0, description="per-layer sparsity of the sparse phases (default: the input masks')")
-    sparse_len: float = Field(2.0, gt=0, description="length of a sparse phase (in `unit`)")
-    dense_len: float = Field(1.0, gt=0, description="length of a dense phase (in `unit`)")
-    unit: Unit = Field("epochs", description="unit of the phase lengths")
-    layers: list[str] | None = Field(None, description="parameter names (default: every Linear/Conv weight)")
 
 
 def iht_phases(total: int, sparse_len: int, dense_len: int, start_dense: bool) -> list[tuple[str, int, int]]:

@@ -214,11 +214,15 @@ def stream_size(rec: dict) -> int:
         return (n * rec["width"] + 7) // 8
     if rec["coding"] == "ans":
         return 2 * a + rec["bytes"]
+    if rec["coding"] == "cabac":
+        return rec["bytes"]
     nb = -(-n // rec["block"]) if n else 0
     return (a + 1) // 2 + 2 * nb + (rec["bits"] + 7) // 8
 
 
 def table_bytes(rec: dict) -> int:
+    if rec["coding"] == "cabac":
+        return 0
     if rec["coding"] == "ans":
         return 2 * rec["alphabet"]
     if rec["coding"] != "huffman":
@@ -244,6 +248,12 @@ def check_record(rec: dict) -> None:
         try:
             rans.check_record(rec)
         except rans.RansError as e:
+            raise StreamError(str(e)) from None
+    elif coding == "cabac":   # context-adaptive binary arithmetic coding (format 1.4): dcomp.compressors.cabac
+        from dcomp.compressors import cabac
+        try:
+            cabac.check_record(rec)
+        except cabac.CabacError as e:
             raise StreamError(str(e)) from None
     elif coding == "huffman":
         b, bits = rec.get("block"), rec.get("bits")
@@ -279,17 +289,22 @@ def _parse_huffman(rec: dict, section) -> tuple[np.ndarray, np.ndarray, memoryvi
     return lens, block_bits, memoryview(section)[tb + 2 * nb:]
 
 
-def decode_streams(items: list[tuple[dict, bytes | memoryview]]) -> list[np.ndarray]:
-    """Decode several streams (record, section bytes); Huffman ones together in lockstep.
+def decode_streams(items: list[tuple]) -> list[np.ndarray]:
+    """Decode several streams (record, section bytes[, (numel, cols, index_bits)]); Huffman ones
+    together in lockstep. A gap stream coded with the cabac significance model needs the third
+    element: the tensor's size, its matrix width and the gap width.
 
     The records must have passed ``check_record`` and the sections have length ``stream_size``.
     Raises StreamError (with ``.index`` = the item) on any inconsistency.
     """
     out: list[np.ndarray | None] = [None] * len(items)
     huff = []
-    for i, (rec, sec) in enumerate(items):
+    for i, item in enumerate(items):
+        rec, sec = item[0], item[1]
         try:
-            if rec["coding"] == "fixed":
+            if rec["coding"] == "cabac":
+                out[i] = _decode_cabac(rec, sec, item[2] if len(item) > 2 else None)
+            elif rec["coding"] == "fixed":
                 out[i] = unpack_fixed(sec, rec["count"], rec["width"])
                 _check_pad(sec, rec["count"] * rec["width"])
             elif rec["coding"] == "ans":
@@ -321,10 +336,29 @@ def decode_streams(items: list[tuple[dict, bytes | memoryview]]) -> list[np.ndar
             decoded = _decode_huffman_lockstep(batch)
         for i, arr in decoded:
             out[i] = arr
-    for i, (rec, _) in enumerate(items):
+    for i, item in enumerate(items):
+        rec = item[0]
         if out[i].size and int(out[i].max()) >= rec["alphabet"]:
             raise StreamError("symbol outside the alphabet", i)
     return out  # type: ignore[return-value]
+
+
+def _decode_cabac(rec: dict, sec, geom) -> np.ndarray:
+    from dcomp.compressors import cabac
+    try:
+        if rec["model"] != cabac.SIGNIFICANCE:
+            return cabac.decode_tree(sec, rec["count"], rec["alphabet"], rec["model"])
+        if geom is None:
+            raise StreamError("cabac significance model is only for the gap stream of a sparse tensor")
+        numel, cols, k = geom
+        pos = cabac.decode_significance(sec, numel, cols, rec["count"])
+    except cabac.CabacError as e:
+        raise StreamError(str(e)) from None
+    from dcomp.formats.dcz.spec import gap_symbols
+    syms = gap_symbols(pos, numel, k)
+    if len(syms) != rec["count"]:
+        raise StreamError(f"cabac significance map gives {len(syms)} relative indices, the record says {rec['count']}")
+    return syms
 
 
 LUT_BUDGET = 1 << 22        # lookup-table entries decoded together (each stream's table has 2^maxlen)

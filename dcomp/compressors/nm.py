@@ -9,17 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def parse_nm(text: str) -> tuple[int, int]:
-    """'2:4' -> (2, 4); raises ValueError with a message saying what to write."""
-    try:
-        n_s, m_s = str(text).split(":")
-        n, m = int(n_s), int(m_s)
-    except ValueError:
-        raise ValueError(f"N:M must look like 2:4, got {text!r}") from None
-    if not 0 < n < m:
-        raise ValueError(f"N:M needs 0 < N < M (N kept of every M), got {text!r}")
-    return n, m
+from dcomp.config.prune import parse_nm  # noqa: F401 - re-exported
 
 
 def nm_applicable(weight: torch.Tensor, m: int) -> str | None:

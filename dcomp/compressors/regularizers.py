@@ -30,61 +30,14 @@ below it are zeroed and masked (they do not remove a unit).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from dcomp.config.retrain import GroupKind, GroupLassoConfig, L1Config  # noqa: F401 - re-exported
 from dcomp.errors import DcompError
 from dcomp.train import Callback
 
-GroupKind = Literal["filter", "channel", "shape", "row", "column"]
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _lambda_ok(v: float) -> float:
-    if v < 0:
-        raise ValueError(f"lambda must be >= 0 (a negative penalty rewards large weights), got {v}")
-    return v
-
-
-class L1Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    lam: float = Field(1e-5, description="lambda: weight of sum |w| in the loss")
-    proximal: bool = Field(True, description="apply the penalty as a proximal step after each optimizer step "
-                                             "(soft-thresholding: exact zeros) instead of a subgradient in the loss")
-    layers: list[str] | None = Field(None, description="module names (default: every Linear/Conv layer)")
-
-    @field_validator("lam")
-    @classmethod
-    def _lam(cls, v):
-        return _lambda_ok(v)
-
-
-class GroupLassoConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    lam: float = Field(1e-4, description="lambda: weight of the sum of group L2 norms in the loss")
-    groups: list[GroupKind] = Field(["filter"], description="filter, channel, shape (Conv) / row, column (Linear)")
-    proximal: bool = Field(True, description="apply the penalty as a proximal step after each optimizer step "
-                                             "(group soft-thresholding: whole groups reach exactly zero) instead "
-                                             "of a subgradient in the loss")
-    remove_below: float | None = Field(None, ge=0, description="after training, remove groups whose L2 norm is below this")
-    layers: list[str] | None = Field(None, description="module names (default: every Linear/Conv layer)")
-
-    @field_validator("lam")
-    @classmethod
-    def _lam(cls, v):
-        return _lambda_ok(v)
-
-    @field_validator("groups")
-    @classmethod
-    def _nonempty(cls, v):
-        if not v:
-            raise ValueError("give at least one group kind: filter, channel, shape, row or column")
-        return list(dict.fromkeys(v))
 
 
 def layer_kind(kind: str, module: nn.Module) -> str:

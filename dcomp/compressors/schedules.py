@@ -18,16 +18,12 @@ whether or not the training loop's ``MaskKeeper`` is present.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dcomp.compressors.masks import magnitude_mask, sparsity_of
+from dcomp.config.retrain import AGPConfig, Unit  # noqa: F401 - re-exported
 from dcomp.errors import DcompError
 from dcomp.train import Callback, TrainContext
-
-Unit = Literal["epochs", "steps"]
 
 
 def to_steps(value: float, unit: str, steps_per_epoch: int) -> int:
@@ -78,30 +74,6 @@ def agp_sparsity(t: int, s_i: float, s_f: float, t0: int, n: int, dt: int) -> fl
         return s_i
     frac = min((t - t0) / (n * dt), 1.0)
     return s_f + (s_i - s_f) * (1.0 - frac) ** 3
-
-
-class AGPConfig(BaseModel):
-    """Gradual magnitude pruning on a cubic schedule (paper defaults: s_i = 0, updates every dt)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="s_i: sparsity at the first update")
-    final_sparsity: float = Field(0.9, gt=0.0, lt=1.0, description="s_f: sparsity from start + n*every on")
-    start: float = Field(0.0, ge=0, description="t0: first mask update (in `unit`)")
-    end: float | None = Field(None, gt=0, description="last update no later than this (in `unit`); default: 3/4 of training")
-    every: float = Field(1.0, gt=0, description="dt: steps or epochs between mask updates")
-    unit: Unit = Field("epochs", description="unit of start, end and every")
-    layers: list[str] | None = Field(None, description="parameter names to prune (default: every Linear/Conv weight)")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.final_sparsity < self.initial_sparsity:
-            raise ValueError(f"final sparsity {self.final_sparsity} is below the initial sparsity "
-                             f"{self.initial_sparsity}; AGP only adds to the pruned set")
-        if self.end is not None and self.end - self.start < self.every:
-            raise ValueError(f"start ({self.start}) must come at least one interval ({self.every}) before end "
-                             f"({self.end}); lower --start or raise --end")
-        return self
 
 
 class AGP(MaskOwner):

@@ -23,56 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dcomp.config.sweep import DEFAULT_GRID, SWEEP_METHODS, SWEEP_VERSION, SweepConfig  # noqa: F401 - re-exported
 from dcomp.errors import DcompError, UsageError
 from dcomp.formats.checkpoint import Checkpoint
 from dcomp.stages import StageContext, StageResult
-from dcomp.train import TrainConfig
-
-SWEEP_VERSION = 1
-SWEEP_METHODS = ("magnitude", "global", "neuron", "filter")
-# dense near the top, where the curves bend
-DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.965, 0.975, 0.985, 0.99)
-
-
-class SweepConfig(BaseModel):
-    """Options of the sweep stage (``dcomp sweep`` and the recipe stage ``sweep``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    methods: list[str] | None = Field(None, description="pruning methods: magnitude, global, neuron, filter "
-                                      "(default: magnitude plus neuron and/or filter where the model has such layers)")
-    grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID), description="sparsities to measure, each in [0, 1)")
-    whole: bool = Field(True, description="measure the whole model pruned at each sparsity")
-    per_layer: bool = Field(True, description="measure each prunable layer pruned alone (the others dense)")
-    split: Literal["test", "val", "train"] = Field("test", description="where accuracy is measured")
-    retrain: TrainConfig | None = Field(None, description="fine-tune each point this long (masks kept) and measure again")
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, v):
-        if v is None:
-            return v
-        if not v:
-            raise ValueError(f"give at least one method ({', '.join(SWEEP_METHODS)})")
-        for m in v:
-            if m not in SWEEP_METHODS:
-                raise ValueError(f"unknown method {m!r}: use {', '.join(SWEEP_METHODS)}")
-        return list(dict.fromkeys(v))
-
-    @field_validator("grid")
-    @classmethod
-    def _grid(cls, v):
-        if not v:
-            raise ValueError("the grid is empty: give sparsities in [0, 1), e.g. 0,0.5,0.9")
-        for s in v:
-            if not 0.0 <= s < 1.0:
-                raise ValueError(f"every grid sparsity must be in [0, 1) (0.9 removes 90%), got {s}")
-        return sorted(set(float(s) for s in v))
 
 
 def parse_grid(text: str) -> list[float]:
@@ -118,8 +76,8 @@ def prunable_layers(ckpt: Checkpoint, trust: bool = False) -> dict[str, int]:
 
 def structured_layers(ckpt: Checkpoint, method: str, trust: bool = False) -> tuple[list[str], dict[str, str]]:
     """The unit groups (named by their first producer) ``method`` can shrink, and notes for the rest."""
-    from dcomp.compressors.pruning import PruneConfig, _structured_choices
     from dcomp.compressors.graph import check_shrinkable, trace_dependencies
+    from dcomp.compressors.pruning import PruneConfig, _structured_choices
 
     check_shrinkable(ckpt)
     model = ckpt.build_model(trust_pickle=trust)

@@ -22,22 +22,10 @@ training, so the loop's MaskKeeper does not zero the pruned weights, and put bac
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from dcomp.compressors.schedules import target_layers
+from dcomp.config.retrain import DNSConfig
 from dcomp.train import Callback
-
-
-class DNSConfig(BaseModel):
-    """Paper / reference-code defaults: gamma 1e-4, power 1; c sets how hard each layer is pruned."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    c: float = Field(1.0, description="threshold multiplier: t = mean(|w|) + c * std(|w|); larger prunes more")
-    gamma: float = Field(1e-4, ge=0, description="mask-update probability (1 + gamma*iter)^-power")
-    power: float = Field(1.0, ge=0, description="mask-update probability (1 + gamma*iter)^-power")
-    stop: int | None = Field(None, ge=0, description="iteration after which T is frozen (default: never, i.e. end of training)")
-    layers: list[str] | None = Field(None, description="parameter names (default: every Linear/Conv weight)")
 
 
 @torch.no_grad()

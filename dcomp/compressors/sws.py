@@ -29,35 +29,10 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dcomp.compressors.schedules import target_layers
+from dcomp.config.retrain import SWSConfig  # noqa: F401 - the options live in the torch-free config package
 from dcomp.train import Callback
-
-
-class SWSConfig(BaseModel):
-    """Soft weight-sharing: a learned Gaussian-mixture prior per layer (``retrain --method sws``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    components: int = Field(8, ge=2, le=256, description="mixture components per layer; quantize afterwards "
-                                                          "with bits = log2(components)")
-    tau: float = Field(0.005, gt=0, description="weight of the prior against the data term (Ullrich et al.: 0.005)")
-    lr: float = Field(0.001, gt=0, description="Adam learning rate of the mixture parameters (means in units of "
-                                                "the layer's weight std)")
-    init_std: float = Field(0.25, gt=0, description="initial std of every component, in units of the layer's "
-                                                     "weight std")
-    min_std: float = Field(0.01, gt=0, description="floor of a component's std, in units of the layer's weight std "
-                                                    "(bounds the pull on a weight)")
-    layers: list[str] | None = Field(None, description="parameter names (default: every Linear/Conv weight)")
-
-    @field_validator("min_std")
-    @classmethod
-    def _floor(cls, v, info):
-        init = info.data.get("init_std")
-        if init is not None and v > init:
-            raise ValueError(f"min_std ({v}) must not exceed init_std ({init})")
-        return v
 
 
 class SoftWeightSharing(Callback):

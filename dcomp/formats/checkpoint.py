@@ -64,6 +64,8 @@ class Checkpoint:
     # references the user vouched for in this process (typed --arch targets, the digest of a
     # TorchScript input): set by model_input.load_model, never read from or written to a file
     trusted_refs: frozenset = field(default_factory=frozenset, repr=False, compare=False)
+    # the file this checkpoint (or the one it was derived from) was read from, for error messages
+    source: str = field(default="", repr=False, compare=False)
 
     # ---- building and updating -------------------------------------------------------
 
@@ -75,6 +77,7 @@ class Checkpoint:
         from dcomp.models import conform_to_state_dict
         from dcomp.models.arch import REBUILDABLE_KINDS, build_architecture, build_reference, trust_of
 
+        where = f"{self.source}: " if self.source else ""
         kind = self.arch.get("kind")
         if kind in REBUILDABLE_KINDS:  # original shapes (low-rank factors applied), then stored shapes
             model = build_reference(self, trust_pickle)
@@ -86,7 +89,7 @@ class Checkpoint:
             model.load_state_dict(_with_versions(self.state_dict, model), strict=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
-            raise DcompError(f"weights do not fit the architecture: {' '.join(first[:2])}") from None
+            raise DcompError(f"{where}weights do not fit the architecture: {' '.join(first[:2])}") from None
         model.eval()
         if resized:  # shapes came from the file: check they chain up before anyone trusts them
             try:
@@ -94,7 +97,7 @@ class Checkpoint:
                     model(torch.zeros(1, *self.input_shape))
             except Exception as e:  # noqa: BLE001 - any shape error from any layer
                 raise DcompError(
-                    f"resized layers {', '.join(resized)} do not fit together at input {list(self.input_shape)}: "
+                    f"{where}resized layers {', '.join(resized)} do not fit together at input {list(self.input_shape)}: "
                     f"{(str(e).splitlines() or [''])[0]}"
                 ) from None
         return model
@@ -161,7 +164,7 @@ class Checkpoint:
             return cls(
                 arch=d["arch"], state_dict=d["state_dict"], input_shape=list(d["input_shape"]),
                 num_classes=int(d["num_classes"]), masks=d.get("masks", {}), quant=d.get("quant", {}),
-                data=dict(d.get("data", {})), provenance=list(d.get("provenance", [])),
+                data=dict(d.get("data", {})), provenance=list(d.get("provenance", [])), source=source,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{source}: checkpoint is missing or has a bad field ({e})") from None
@@ -297,7 +300,9 @@ def read_checkpoint(data: bytes, source: str = "input") -> Checkpoint:
     if kind == "dcz":
         from dcomp.formats import dcz
 
-        return dcz.read_bytes(data, source=source)
+        ckpt = dcz.read_bytes(data, source=source)
+        ckpt.source = source
+        return ckpt
     if kind != "torch":
         raise FormatError(f"{source}: not a dcomp checkpoint or .dcz file")
     obj = torch_load_plain(data, source)

@@ -154,7 +154,7 @@ def _from_state_dict(state, source, arch, arch_kwargs, shape_of, typed=frozenset
     else:
         raise UsageError(f"unknown architecture {arch!r}: zoo models are {', '.join(ZOO)} (or use package.module:factory)")
     ckpt = Checkpoint(arch=arch_d, state_dict={k: v.detach().clone() for k, v in state.items()},
-                      input_shape=shape, num_classes=classes, trusted_refs=frozenset(typed))
+                      input_shape=shape, num_classes=classes, trusted_refs=frozenset(typed), source=source)
     params: dict[str, Any] = {"source": source, "arch": arch}
     if execute:
         model = ckpt.build_model()  # --arch was typed by the user; fail now if the weights do not fit

@@ -408,4 +408,8 @@ def pack_round_trip(data: bytes) -> None:
 DECODE = {"dcz_decode": dcz_decode, "dcz_header_decode": dcz_header_decode, "huffman_decode": huffman_decode,
           "checkpoint_decode": checkpoint_decode, "checkpoint_dict_decode": checkpoint_dict_decode}
 ROUND_TRIP = {"huffman_round_trip": huffman_round_trip, "pack_round_trip": pack_round_trip}
+from fuzzing import cabac_targets  # noqa: E402  (imports Choices from this module)
+
+DECODE["cabac_decode"] = cabac_targets.cabac_decode
+ROUND_TRIP["cabac_round_trip"] = cabac_targets.cabac_round_trip
 TARGETS = {**DECODE, **ROUND_TRIP}

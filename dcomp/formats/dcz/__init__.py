@@ -14,7 +14,7 @@ The layout is specified in docs/FORMAT.md; the modules follow it part by part:
     ckpt2 = read_bytes(data, source="model.dcz")  # bit-identical state_dict, masks, quant
     info = inspect_bytes(data)                    # header and section table only
 
-Reading needs numpy only (torch just wraps the arrays as tensors); when numba is installed two hot
+Reading needs numpy only (torch just wraps the arrays as tensors, and is imported only then); when numba is installed two hot
 loops (Huffman blocks, and symbols -> weights/mask/assignments) run compiled, with the numpy code as
 the reference. Nothing is unpickled or run from the file.
 """
@@ -22,11 +22,29 @@ the reference. Nothing is unpickled or run from the file.
 import zlib  # noqa: F401  (tests patch dcz.zlib)
 
 from dcomp.formats.dcz.spec import (  # noqa: F401
-    ALIGN, DEFAULT_MAX_BYTES, DTYPES, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, KNOWN_FLAGS, MAJOR, MAX_HEADER,
-    MINOR, PREAMBLE, STORED_DTYPES, _align, _bits, _from_bits, _half_bits, _is_int, _numel, _widen,
+    ALIGN, DEFAULT_MAX_BYTES, DTYPES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, KNOWN_FLAGS, MAJOR, MAX_HEADER,
+    MINOR, PREAMBLE, SIZES, STORED_DTYPES, _align, _bits, _from_bits, _half_bits, _is_int, _numel, _widen,
     gap_positions, gap_symbols)
 from dcomp.formats.dcz.header import _check_schema, _fail, _Header, _inflate_header, read_header  # noqa: F401
 from dcomp.formats.dcz.claims import _check_claims, _Reader  # noqa: F401
-from dcomp.formats.dcz.reader import read_bytes  # noqa: F401
 from dcomp.formats.dcz.summary import inspect_bytes  # noqa: F401
-from dcomp.formats.dcz.writer import PackConfig, PackResult, apply_pack, pack, write_bytes  # noqa: F401
+
+# Reading the header (inspect_bytes, read_header) needs numpy only; decoding into tensors and
+# writing need torch, so those names load their modules on first use (PEP 562): importing this
+# package does not import torch (dcomp inspect / info answer without it).
+_LAZY = {"read_bytes": "reader", "PackConfig": "writer", "PackResult": "writer", "apply_pack": "writer",
+         "pack": "writer", "write_bytes": "writer", "provenance_for": "writer"}
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

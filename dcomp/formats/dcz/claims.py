@@ -10,7 +10,7 @@ from dcomp.compressors import huffman as hf
 from dcomp.formats import limits as _limits
 from dcomp.formats.dcz import errors as E
 from dcomp.formats.dcz.header import _fail, _Header
-from dcomp.formats.dcz.spec import DTYPES, FLAG_ANS, FLAG_STORED_DTYPE, FLOATS, STORED_DTYPES, _numel
+from dcomp.formats.dcz.spec import SIZES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DTYPE, FLOATS, STORED_DTYPES, _numel
 
 
 class _Reader:
@@ -23,6 +23,7 @@ class _Reader:
         self.narrowed = 0       # records with "stored_dtype"
         self.tables = 0         # Huffman streams (each has its own code table)
         self.ans = 0            # rANS streams
+        self.cabac = 0          # context-adaptive arithmetic coded streams
 
     def stored(self, rec: dict, dt: str, what: str) -> str:
         """The dtype a payload is stored in: ``dt``, or a valid "stored_dtype" of the record."""
@@ -76,6 +77,12 @@ class _Reader:
             if not self.hdr.flags & FLAG_ANS:
                 raise self.fail(what, "is an rANS stream but flags bit 2 is clear (corrupt file)")
             self.ans += 1
+        if rec["coding"] == "cabac":
+            if not self.hdr.flags & FLAG_CABAC:
+                raise self.fail(what, "is a cabac stream but flags bit 3 is clear (corrupt file)")
+            if rec["model"] == 2 and not what.endswith(" gaps"):
+                raise self.fail(what, "cabac model 2 (significance map) codes only the gap stream of a sparse tensor")
+            self.cabac += 1
         if rec["coding"] == "huffman":
             self.tables += 1
             if self.tables > self.lim.max_tables:
@@ -96,9 +103,9 @@ class _Reader:
         name, dt, shape, enc = t["name"], t["dtype"], t["shape"], t["encoding"]
         what = f"tensor {name}"
         numel = _numel(shape)
-        size = DTYPES[dt][1]
+        size = SIZES[dt]
         if enc == "raw":
-            self.section(t["section"], what, numel * DTYPES[self.stored(t, dt, what)][1])
+            self.section(t["section"], what, numel * SIZES[self.stored(t, dt, what)])
             self.claim(what, numel * size)
             return
         if "stored_dtype" in t:
@@ -116,14 +123,14 @@ class _Reader:
                                       "relative indices can cover")
             if nnz > numel:
                 raise self.fail(what, f"nnz {nnz:,} is more than the tensor's {numel:,} elements")
-            if g["coding"] == "ans" and g["count"] > numel:
+            if g["coding"] in ("ans", "cabac") and g["count"] > numel:
                 # every gap symbol advances at least 1: bounds rANS decoding work by the tensor's size
                 raise self.fail(what, f"gap stream claims {g['count']:,} symbols for {numel:,} elements")
         else:
             if v["kind"] != "codebook":
                 raise self.fail(what, "encoding codebook needs codebook values")
             nnz = numel
-        vsize = DTYPES[self.stored(v, dt, what)][1]
+        vsize = SIZES[self.stored(v, dt, what)]
         if v["kind"] == "raw":
             self.section(v["section"], what + " values", nnz * vsize)
         else:
@@ -136,8 +143,8 @@ class _Reader:
 
     def raw_ref(self, r: dict, what: str) -> int:
         numel = _numel(r["shape"])
-        n = numel * DTYPES[r["dtype"]][1]
-        self.section(r["section"], what, numel * DTYPES[self.stored(r, r["dtype"], what)][1])
+        n = numel * SIZES[r["dtype"]]
+        self.section(r["section"], what, numel * SIZES[self.stored(r, r["dtype"], what)])
         self.claim(what, n)
         return n
 
@@ -172,12 +179,12 @@ def _check_claims(data: bytes, hdr: _Header, source: str, max_bytes: int | None 
                 if not shared:
                     raise rd.fail(what, f"{key} comes from the tensor's values, but tensor {name} has no codebook")
                 if key == "assignments":
-                    if DTYPES[r["dtype"]][0].is_floating_point or r["dtype"] == "bool" \
+                    if r["dtype"] in FLOATS or r["dtype"] == "bool" \
                             or r["fill"] >= 1 << t["values"]["bits"]:
                         raise rd.fail(what, "assignments need an integer dtype and a fill index below 2^bits")
                     if r["fill"] > _int_max(r["dtype"]):
                         raise rd.fail(what, f"assignments fill {r['fill']} does not fit dtype {r['dtype']}")
-                    rd.claim(what, _numel(t["shape"]) * DTYPES[r["dtype"]][1])
+                    rd.claim(what, _numel(t["shape"]) * SIZES[r["dtype"]])
             else:
                 rd.raw_ref(r, f"{what} {key}")
     arch = h["arch"]
@@ -187,6 +194,8 @@ def _check_claims(data: bytes, hdr: _Header, source: str, max_bytes: int | None 
         raise rd.fail("header", "flags bit 1 (stored_dtype) is set but no record has a stored_dtype (corrupt file)")
     if hdr.flags & FLAG_ANS and not rd.ans:
         raise rd.fail("header", "flags bit 2 (rANS) is set but no stream is rANS-coded (corrupt file)")
+    if hdr.flags & FLAG_CABAC and not rd.cabac:
+        raise rd.fail("header", "flags bit 3 (cabac) is set but no stream is cabac-coded (corrupt file)")
     return rd
 
 

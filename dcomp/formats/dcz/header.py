@@ -182,9 +182,15 @@ class _Schema:
         a = self.int_(s.get("alphabet"), f"{path}.alphabet", 2, 1 << 16)
         if a & (a - 1):
             raise self.bad(f"{path}.alphabet", f"{a} is not a power of two")
-        coding = self.str_(s.get("coding"), f"{path}.coding", ("fixed", "huffman", "ans"))
+        coding = self.str_(s.get("coding"), f"{path}.coding", ("fixed", "huffman", "ans", "cabac"))
         if coding == "fixed":
             self.int_(s.get("width"), f"{path}.width", 1, 16)
+        elif coding == "cabac":
+            self.int_(s.get("model"), f"{path}.model", 0, 2)
+            self.int_(s.get("bytes"), f"{path}.bytes", 5)
+            ent = s.get("entropy")
+            if ent is not None and (not isinstance(ent, (int, float)) or isinstance(ent, bool)):
+                raise self.bad(f"{path}.entropy", f"expected a number, got {_kind(ent)}")
         elif coding == "ans":
             self.int_(s.get("precision"), f"{path}.precision", 1, 15)
             self.int_(s.get("bytes"), f"{path}.bytes", 4)

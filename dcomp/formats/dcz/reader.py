@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from dcomp.compressors import huffman as hf
+from dcomp.compressors.cabac import matrix_cols
 from dcomp.formats.checkpoint import Checkpoint
 from dcomp.formats import limits as _limits
 from dcomp.formats.dcz import errors as E
@@ -38,7 +39,9 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int | None = None,
     items, owners = [], []
     for t in h["tensors"]:
         if t["encoding"] == "sparse":
-            items.append((t["gaps"], rd.sec_bytes(t["gaps"]["section"])))
+            numel = _numel(t["shape"])
+            items.append((t["gaps"], rd.sec_bytes(t["gaps"]["section"]),
+                          (numel, matrix_cols(t["shape"]), t["index_bits"])))
             owners.append(t["name"])
         if t["encoding"] != "raw" and t["values"]["kind"] == "codebook":
             s = t["values"]["indices"]

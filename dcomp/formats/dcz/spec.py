@@ -7,51 +7,91 @@ and widening; the relative-index (gap) stream.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from dcomp.errors import FormatError
 
-MAJOR, MINOR = 1, 3          # 1.3: "ans" streams; files without one are written as 1.2
+if TYPE_CHECKING:  # torch is imported only where tensors are made (reading a header needs none)
+    import torch
+
+MAJOR, MINOR = 1, 4          # 1.4: "cabac" streams, 1.3: "ans" streams; a file is written with the lowest that fits
 PREAMBLE = 32
 MAX_HEADER = 1 << 27          # limit for the header as stored and, when compressed, as decompressed
 FLAG_ZHEADER = 1              # flags bit 0: the header is a zlib stream (format 1.1)
 FLAG_STORED_DTYPE = 2         # flags bit 1: some record has "stored_dtype" (float32 kept as float16, format 1.2)
 FLAG_ANS = 4                  # flags bit 2: some stream is rANS-coded, "coding": "ans" (format 1.3)
-KNOWN_FLAGS = FLAG_ZHEADER | FLAG_STORED_DTYPE | FLAG_ANS
+FLAG_CABAC = 8               # flags bit 3: some stream is context-adaptive arithmetic coded, "coding": "cabac" (format 1.4)
+KNOWN_FLAGS = FLAG_ZHEADER | FLAG_STORED_DTYPE | FLAG_ANS | FLAG_CABAC
 STORED_DTYPES = {"float32": ("float16",)}   # declared dtype -> narrower dtypes a payload may be stored in
 ALIGN = 8
 DEFAULT_MAX_BYTES = 1 << 34   # refuse files that would decode to more than 16 GiB
 
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "float32": (torch.float32, 4), "float16": (torch.float16, 2), "bfloat16": (torch.bfloat16, 2),
-    "float64": (torch.float64, 8), "int64": (torch.int64, 8), "int32": (torch.int32, 4),
-    "int16": (torch.int16, 2), "int8": (torch.int8, 1), "uint8": (torch.uint8, 1), "bool": (torch.bool, 1),
+SIZES: dict[str, int] = {     # the dtype table of docs/FORMAT.md: name -> bytes per element
+    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4,
+    "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
 }
 FLOATS = {"float32", "float16", "bfloat16", "float64"}
-_NAME_OF = {v[0]: k for k, v in DTYPES.items()}
-_SINT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class _TorchDtypes(Mapping):
+    """name -> (torch dtype, bytes per element), importing torch on the first lookup of a value.
+    Membership, iteration and len need no torch (the header checks use them)."""
+
+    def __init__(self):
+        self._table: dict | None = None
+
+    def _load(self) -> dict:
+        if self._table is None:
+            import torch
+            self._table = {k: (getattr(torch, k), s) for k, s in SIZES.items()}
+        return self._table
+
+    def __getitem__(self, name):
+        return self._load()[name]
+
+    def __contains__(self, name) -> bool:
+        return name in SIZES
+
+    def __iter__(self):
+        return iter(SIZES)
+
+    def __len__(self) -> int:
+        return len(SIZES)
+
+
+DTYPES = _TorchDtypes()
+
+
+def _name_of(dtype) -> str | None:
+    for k, (d, _) in DTYPES.items():
+        if d == dtype:
+            return k
+    return None
 
 
 # ---- helpers ----------------------------------------------------------------------------------
 
-def _dtype_name(t: torch.Tensor, what: str) -> str:
-    name = _NAME_OF.get(t.dtype)
+def _dtype_name(t: "torch.Tensor", what: str) -> str:
+    name = _name_of(t.dtype)
     if name is None:
         raise FormatError(f"{what}: dtype {t.dtype} cannot be stored in a .dcz file")
     return name
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
+def _bits(t: "torch.Tensor") -> np.ndarray:
     """The tensor's raw element bits as a flat signed-int numpy array (exact, -0.0 != +0.0)."""
+    import torch
     t = t.detach().to("cpu").contiguous().reshape(-1)
-    size = DTYPES[_NAME_OF[t.dtype]][1]
-    a = t.view(_SINT[size]).numpy()
+    size = SIZES[_name_of(t.dtype)]
+    a = t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).numpy()
     return a if sys.byteorder == "little" else a.astype(a.dtype.newbyteorder("<"))  # the file is little-endian
 
 
-def _from_bits(arr: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
+def _from_bits(arr: np.ndarray, dtype: str, shape: list[int]) -> "torch.Tensor":
+    import torch
     tdtype, size = DTYPES[dtype]
     arr = np.ascontiguousarray(arr, dtype=np.dtype(f"=i{size}"))
     return torch.from_numpy(arr).view(tdtype).reshape(shape)
@@ -75,7 +115,7 @@ def _half_bits(u: np.ndarray) -> np.ndarray | None:
 
 def _widen(raw, stored: str, dtype: str) -> np.ndarray:
     """Element bits of ``dtype`` (native int array) from a little-endian section stored as ``stored``."""
-    size = DTYPES[dtype][1]
+    size = SIZES[dtype]
     if stored == dtype:
         return np.frombuffer(raw, dtype=f"<i{size}").astype(f"=i{size}")
     # float16 -> float32 is exact for every value (NaN: sign kept, 10 payload bits shifted up by 13)

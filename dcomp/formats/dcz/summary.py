@@ -18,7 +18,7 @@ def _stream_stats(s: dict | None) -> dict | None:
         return None
     n = s["count"]
     payload = hf.stream_size(s) - hf.table_bytes(s)
-    bits = {"huffman": lambda: s["bits"], "ans": lambda: 8 * s["bytes"]}.get(s["coding"], lambda: n * s["width"])()
+    bits = {"huffman": lambda: s["bits"], "ans": lambda: 8 * s["bytes"], "cabac": lambda: 8 * s["bytes"]}.get(s["coding"], lambda: n * s["width"])()
     bps = bits / n if n else 0.0
     ent = s.get("entropy") if isinstance(s.get("entropy"), (int, float)) else None
     return {"coding": s["coding"], "count": n, "bits_per_symbol": bps, "entropy": ent,

@@ -14,14 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dcomp import __version__
 from dcomp.compressors import huffman as hf
-from dcomp.compressors import rans
+from dcomp.compressors import cabac, rans
 from dcomp.errors import FormatError
 from dcomp.formats import DCZ_MAGIC
 from dcomp.formats.checkpoint import Checkpoint
 from dcomp.formats.dcz.reader import read_bytes
-from dcomp.formats.dcz.spec import (DTYPES, FLAG_ANS, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, MAJOR, MINOR, _NAME_OF,
+from dcomp.formats.dcz.spec import (DTYPES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, MAJOR, MINOR, _name_of,
                                     _align, _bits, _dtype_name, _half_bits, gap_symbols)
 from dcomp.formats.dcz.summary import inspect_bytes
+
+
+CABAC_AUTO_BINS = 1 << 22    # ~0.1 s of cabac decoding per file (docs/bench/size.md)
 
 
 class PackConfig(BaseModel):
@@ -35,6 +38,17 @@ class PackConfig(BaseModel):
     huffman: bool = Field(True, description="allow Huffman coding (off: fixed width only)")
     ans: bool = Field(True, description="allow rANS coding of a stream when its section is smaller than Huffman's "
                                         "and fixed width's (format 1.3; off: files readable by dcomp before 1.3)")
+    coder: Literal["auto", "huffman", "rans", "cabac"] = Field(
+        "auto", description="stream coders to choose from, per stream the smallest section: 'auto' every coder "
+                            "(fixed width, Huffman, rANS, cabac), 'huffman' fixed width and Huffman (format 1.2, "
+                            "what dcomp before 1.3 reads), 'rans' fixed width and rANS, 'cabac' fixed width and "
+                            "the context-adaptive arithmetic coder (format 1.4)")
+    cabac_budget: int = Field(
+        CABAC_AUTO_BINS, ge=0,
+        description="with coder 'auto': at most this many cabac bins per file (a bin is one element of a "
+                    "significance-coded tensor, or one bit of a tree-coded symbol). Decoding costs ~25 ns per bin "
+                    "(docs/bench/size.md), against ~5 ns per parameter for torch.load of a dense checkpoint, so "
+                    "auto keeps large tensors on the fast coders; coder 'cabac' has no budget")
     block: int = Field(hf.DEFAULT_BLOCK, description="symbols per Huffman block")
     verify: bool = Field(True, description="decode the packed bytes and compare bit for bit")
     compress_header: bool = Field(True, description="store the header JSON zlib-compressed when that is smaller")
@@ -74,6 +88,14 @@ class _Sections:
         self.parts: list[bytes] = []
         self.narrowed = False    # some record got "stored_dtype" (sets flags bit 1)
         self.ans = False         # some stream is rANS-coded (format 1.3)
+        self.cabac = False       # some stream is cabac-coded (format 1.4)
+        self.cabac_bins = 0      # their decoding work (PackConfig.cabac_budget)
+
+    def budget(self, cfg: "PackConfig", *plans) -> int | None:
+        """cabac bins still allowed in this file (None: no limit), net of ``plans`` not yet written."""
+        if cfg.coder != "auto":
+            return None
+        return cfg.cabac_budget - self.cabac_bins - sum(getattr(p, "bins", 0) for p in plans)
 
     def add(self, data: bytes) -> int:
         self.parts.append(bytes(data))
@@ -86,19 +108,48 @@ class _AnsPlan:
     data: bytes
     rec: dict
     coding: str = "ans"
+    bins: int = 0            # cabac: binary decisions the decoder makes
 
 
-def _plan(symbols: np.ndarray, alphabet: int, cfg: PackConfig):
-    """The smallest of fixed width, Huffman and (cfg.ans) rANS for this stream."""
+def coders(cfg: PackConfig) -> set[str]:
+    """The codings the writer may choose from (fixed width always)."""
+    if not cfg.huffman:                       # huffman=False keeps its meaning: fixed width only
+        return {"fixed"}
+    allowed = {"auto": {"fixed", "huffman", "ans", "cabac"}, "huffman": {"fixed", "huffman"},
+               "rans": {"fixed", "ans"}, "cabac": {"fixed", "cabac"}}[cfg.coder]
+    if not cfg.ans:                           # --no-ans (deprecated: --coder huffman)
+        allowed = allowed - {"ans", "cabac"}
+    return allowed
+
+
+def _plan(symbols: np.ndarray, alphabet: int, cfg: PackConfig, geom: tuple | None = None, budget: int | None = None):
+    """The smallest section among the allowed coders for this stream. ``geom`` = (positions, numel,
+    cols) for a gap stream: the cabac significance model codes the positions instead. ``budget``:
+    cabac bins still allowed (None: no limit)."""
+    allowed = coders(cfg)
     counts = np.bincount(symbols, minlength=alphabet)
-    plan = hf.plan_stream(counts, alphabet, cfg.block, cfg.huffman)
-    if cfg.ans and cfg.huffman and len(symbols):   # huffman=False keeps its meaning: fixed width only
+    plan = hf.plan_stream(counts, alphabet, cfg.block, "huffman" in allowed)
+    if "ans" in allowed and len(symbols):
         freqs = rans.quantize_freqs(counts)
         # estimate first (table + ideal payload + state); encode only when it may win
         if freqs is not None and 2 * alphabet + 4 + rans.cost_bits(counts, freqs, rans.PRECISION) / 8 < plan.nbytes:
             enc = rans.encode_stream(symbols, alphabet, counts)
             if enc is not None and len(enc[0]) < plan.nbytes:
-                return _AnsPlan(len(enc[0]), enc[0], enc[1])
+                plan = _AnsPlan(len(enc[0]), enc[0], enc[1])
+    if "cabac" in allowed and len(symbols):
+        for model in ((cabac.SIGNIFICANCE,) if geom is not None else ()) + (cabac.TREE, cabac.TREE_PREV):
+            bins = geom[1] if model == cabac.SIGNIFICANCE else len(symbols) * (alphabet.bit_length() - 1)
+            if budget is not None and bins > budget:
+                continue
+            if model == cabac.SIGNIFICANCE:
+                pos, numel, cols = geom
+                data = cabac.encode_significance(pos, numel, cols)
+                rec = {"count": int(len(symbols)), "alphabet": int(alphabet), "coding": "cabac", "model": model,
+                       "bytes": len(data), "entropy": round(hf.entropy(counts), 6)}
+            else:
+                data, rec = cabac.encode_stream(symbols, alphabet, model)
+            if len(data) < plan.nbytes:
+                plan = _AnsPlan(len(data), data, rec, "cabac", bins)
     return plan
 
 
@@ -106,7 +157,11 @@ def _stream(sec: _Sections, symbols: np.ndarray, alphabet: int, cfg: PackConfig,
     if plan is None:
         plan = _plan(symbols, alphabet, cfg)
     if isinstance(plan, _AnsPlan):
-        sec.ans = True
+        if plan.coding == "cabac":
+            sec.cabac = True
+            sec.cabac_bins += plan.bins
+        else:
+            sec.ans = True
         return {"section": sec.add(plan.data), **plan.rec}
     data, rec = hf.encode_stream(symbols, plan)
     return {"section": sec.add(data), **rec}
@@ -124,7 +179,7 @@ def _quant_ok(q: dict, t: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int] | 
         return None
     if cb.dtype != t.dtype or cb.dim() != 1 or not 1 <= cb.numel() <= (1 << bits):
         return None
-    if a.shape != t.shape or a.dtype.is_floating_point or a.dtype == torch.bool or _NAME_OF.get(a.dtype) is None:
+    if a.shape != t.shape or a.dtype.is_floating_point or a.dtype == torch.bool or _name_of(a.dtype) is None:
         return None
     af = a.detach().reshape(-1).to(torch.int64).numpy()
     if af.size and (af.min() < 0 or af.max() >= (1 << bits)):
@@ -192,7 +247,7 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
         pos = np.flatnonzero(support)
         k = cfg.index_bits_for(t)
         gaps = gap_symbols(pos, numel, k)
-        gplan = _plan(gaps, 1 << k, cfg)
+        gplan = _plan(gaps, 1 << k, cfg, (pos, numel, cabac.matrix_cols(shape)), sec.budget(cfg))
         side = 0 if support_is_mask else bitmap_cost
         vplan = None
         if qinfo is not None:
@@ -200,7 +255,7 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
             sa = af[pos]
             outside = af[~support]
             if (cbb[sa] == u[pos]).all():
-                vplan = _plan(sa, 1 << qbits, cfg)
+                vplan = _plan(sa, 1 << qbits, cfg, budget=sec.budget(cfg, gplan))
                 fill_ok = outside.size == 0 or (outside == outside[0]).all()
                 cost = gplan.nbytes + vplan.nbytes + cb_nbytes + side + (0 if fill_ok else af.size * q["assignments"].element_size())
                 if cost < best[1]:
@@ -214,7 +269,7 @@ def _encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None, q: dic
             cbb, af, qbits = qinfo
             if (cbb[af] == u).all():
                 allmask = mflat is not None and bool(mflat.all())
-                dplan = _plan(af, 1 << qbits, cfg)
+                dplan = _plan(af, 1 << qbits, cfg, budget=sec.budget(cfg))
                 cost = dplan.nbytes + cb_nbytes + (0 if allmask else bitmap_cost)
                 if cost < best[1]:
                     best = ("codebook", cost, (dplan, allmask))
@@ -326,12 +381,12 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
         offset = _align(offset + len(part))
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
     stored, usize = hjson, 0
-    flags = (FLAG_STORED_DTYPE if sec.narrowed else 0) | (FLAG_ANS if sec.ans else 0)
+    flags = (FLAG_STORED_DTYPE if sec.narrowed else 0) | (FLAG_ANS if sec.ans else 0) | (FLAG_CABAC if sec.cabac else 0)
     if cfg.compress_header:
         z = zlib.compress(hjson, 9)
         if len(z) < len(hjson):
             stored, flags, usize = z, flags | FLAG_ZHEADER, len(hjson)
-    pre = DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, MINOR if sec.ans else 2, flags, len(stored), zlib.crc32(stored), usize)
+    pre = DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, 4 if sec.cabac else 3 if sec.ans else 2, flags, len(stored), zlib.crc32(stored), usize)
     out = bytearray(pre + stored)
     out += b"\0" * (_align(len(out)) - len(out))
     for i, part in enumerate(sec.parts):
