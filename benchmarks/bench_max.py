@@ -117,6 +117,35 @@ def run_case(case: str, seed: int, work: Path) -> dict:
             "loadavg": list(os.getloadavg()), "commit": _commit()}
 
 
+def repack(row: dict, work: Path) -> dict:
+    """Pack the run's quantized checkpoint again with this tree's writer (same pack settings from
+    the recipe), decode the bytes and measure their accuracy: the bytes a newer coder gives for
+    the very same trained model (training is not repeated)."""
+    import torch
+
+    from dcomp.data import load_dataset
+    from dcomp.formats.checkpoint import read_checkpoint
+    from dcomp.formats.dcz import inspect_bytes, pack
+    from dcomp.recipe import load_recipe
+    from dcomp.train import evaluate
+
+    torch.set_num_threads(1)
+    run = work / f"{row['case']}-s{row['seed']}.run"
+    quantized = sorted(run.glob("*-quantize.pt"))
+    if not quantized:
+        raise SystemExit(f"{run}: no quantize stage output to re-pack (was the work directory removed?)")
+    rec = load_recipe(ROOT / row["recipe"])
+    cfg = next(st.config for st in rec.stages if st.kind == "pack")
+    data, _ = pack(read_checkpoint(quantized[-1].read_bytes()), cfg)
+    info = inspect_bytes(data)
+    back = read_checkpoint(data)
+    ds = load_dataset(CASES[row["case"]][2], resize=28 if row["arch"] == "lenet-5" else None)
+    top1 = evaluate(back.build_model(), ds.x_test, ds.y_test)["top1"]
+    return {"commit": _commit(), "file_bytes": len(data), "ratio": info["dense_float32_bytes"] / len(data),
+            "parts": breakdown(info), "top1": top1, "delta": round(top1 - row["dense_top1"], 4),
+            "coders": sorted({(lay.get("gaps") or {}).get("coding") for lay in info["layers"]} - {None})}
+
+
 def _commit() -> str:
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     return r.stdout.strip()
@@ -139,12 +168,21 @@ def report(rows: list[dict]) -> str:
                   "| seed | dense top-1 | .dcz top-1 | change | .dcz bytes | ratio | header | positions | labels "
                   "| codebooks | tables | biases | pad | non-zero weights |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        if all("repack" in r for r in rs):
+            lines += [f"Bytes as re-packed by commit {rs[0]['repack']['commit']} (coders "
+                      f"{', '.join(sorted({c for r in rs for c in r['repack']['coders']}))}); the originally packed "
+                      f"file (commit {rs[0]['commit']}) in brackets.", ""]
         for r in rs:
+            if "repack" in r:
+                r = {**r, "orig_bytes": r["file_bytes"], "orig_ratio": r["ratio"], **{k: r["repack"][k] for k in
+                     ("file_bytes", "ratio", "parts", "top1", "delta")}}
             p = r["parts"]
             lines.append(f"| {r['seed']} | {r['dense_top1']:.2f}% | {r['top1']:.2f}% | {r['delta']:+.2f} | "
-                         f"{r['file_bytes']:,} | {r['ratio']:.1f}x | {p['header']:,} | {p['positions']:,} | "
+                         f"{r['file_bytes']:,}{_orig(r)} | {r['ratio']:.1f}x | {p['header']:,} | {p['positions']:,} | "
                          f"{p['labels']:,} | {p['codebooks']:,} | {p['tables']:,} | {p['biases']:,} | "
                          f"{p['padding'] + p['other']:,} | {r['nonzero_weights']:,} / {r['params']:,} |")
+        rs = [{**r, **{k: r["repack"][k] for k in ("file_bytes", "ratio", "top1", "delta")}} if "repack" in r else r
+              for r in rs]
         mean_delta = statistics.mean(r["delta"] for r in rs)
         worst = min(r["delta"] for r in rs)
         mean_ratio = statistics.mean(r["ratio"] for r in rs)
@@ -166,6 +204,10 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _orig(r: dict) -> str:
+    return f" ({r['orig_bytes']:,})" if "orig_bytes" in r else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(CASES), help="cases, comma separated: " + ", ".join(CASES))
@@ -173,9 +215,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--work", default="/tmp/dcomp-bench-max")
     ap.add_argument("--report", action="store_true", help="print the tables from the jsonl, run nothing")
+    ap.add_argument("--repack", action="store_true", help="re-pack every finished run's quantized checkpoint with "
+                    "this tree's writer and record the bytes beside the original ones (no training)")
     args = ap.parse_args()
     out = Path(args.out)
-    if not args.report:
+    if args.repack:
+        rows = load(out)
+        for row in rows:
+            row["repack"] = repack(row, Path(args.work))
+            print(f"{row['case']} seed {row['seed']}: re-packed {row['repack']['file_bytes']:,} B "
+                  f"{row['repack']['ratio']:.1f}x, top-1 {row['repack']['top1']:.2f}%", file=sys.stderr, flush=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif not args.report:
         for case in args.only.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 if any(r["case"] == case and r["seed"] == seed for r in load(out)):
