@@ -8,7 +8,8 @@ the one training loop (dcomp.train); this module wires a checkpoint to them:
     RetrainConfig + apply_retrain(ckpt, cfg, ctx)    the stage: training config plus at most one
                                                      mask-changing method (agp | dns | iht) and any
                                                      of l1, group_lasso (+ structural removal),
-                                                     distill; what `dcomp retrain` and recipes call
+                                                     distill, sws (soft weight-sharing: a learned
+                                                     mixture prior); what `dcomp retrain` and recipes call
                                                      (``dafl``: data-free, the batches come from a
                                                      generator trained against the teacher)
 """
@@ -63,9 +64,9 @@ def build_callbacks(ckpt: Checkpoint, cfg: RetrainConfig, seed: int = 0, teacher
     from dcomp.compressors.schedules import AGP
     from dcomp.compressors.surgery import DNS
 
-    if ckpt.quant and (cfg.mask_method() or cfg.l1 or cfg.group_lasso):
+    if ckpt.quant and (cfg.mask_method() or cfg.l1 or cfg.group_lasso or cfg.sws):
         raise UsageError("this checkpoint is quantized: retraining only fine-tunes its centroids; apply "
-                         "AGP, DNS, IHT/DSD, --l1 or --group-lasso before `dcomp quantize`")
+                         "AGP, DNS, IHT/DSD, --l1, --group-lasso or --method sws before `dcomp quantize`")
     cbs: list[Callback] = []
     if cfg.distill is not None:
         if teacher is None:
@@ -79,6 +80,10 @@ def build_callbacks(ckpt: Checkpoint, cfg: RetrainConfig, seed: int = 0, teacher
         cbs.append(DNS(cfg.dns, seed=seed))
     if cfg.iht is not None:
         cbs.append(IHT(cfg.iht))
+    if cfg.sws is not None:
+        from dcomp.compressors.sws import SoftWeightSharing
+
+        cbs.append(SoftWeightSharing(cfg.sws))
     return cbs
 
 

@@ -59,7 +59,7 @@ def test_every_shipped_recipe_runs(path, tmp_path, cli):
     small = tmp_path / path.name
     small.write_text(yaml.safe_dump(raw))
     resize = raw.get("defaults", {}).get("resize")
-    base = _base(tmp_path, cli, "lenet-5" if path.stem == "lenet5" else "lenet-300-100", resize)
+    base = _base(tmp_path, cli, "lenet-5" if path.stem.startswith("lenet5") else "lenet-300-100", resize)
     packs = any(s["stage"] == "pack" for s in raw["stages"])
     out = tmp_path / ("out.dcz" if packs else "out.pt")
     r = cli("run", small, "--model", base, "-o", out, "--json", "--quiet")

@@ -33,6 +33,8 @@ def quantize(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="leave weights whose name matches REGEX unquantized; repeatable")] = None,
     init: Annotated[str, typer.Option("--init", help="k-means initialisation: linear, density or random (uses --seed)")] = "linear",
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="Lloyd iterations at most")] = 1000,
+    codebook: Annotated[str, typer.Option("--codebook", help="kmeans (shared values from k-means) or uniform (2^bits equally spaced levels)")] = "kmeans",
+    rd_lambda: Annotated[float, typer.Option("--rd-lambda", help="rate-distortion rounding: minimise (w-c)^2/var(w) + LAMBDA x code length of c in bits (fewer index bits once entropy-coded; 0: nearest level)")] = 0.0,
     requantize: Annotated[bool, typer.Option("--requantize", help="allow more bits than a layer is already quantized to (keeps its values)")] = False,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="epochs of centroid fine-tuning (needs data)")] = 0,
     centroid_lr: Annotated[Optional[float], typer.Option("--centroid-lr", help="centroid learning rate (default: --lr, scheduled)")] = None,
@@ -61,7 +63,7 @@ def quantize(
                              exclude=list(exclude or []), init=init, max_iter=max_iter, requantize=requantize,
                              finetune=finetune, centroid_lr=centroid_lr, float16=float16,
                              mode=mode, threshold=threshold, scale=scale, keep_first_last=keep_first_last,
-                             bias_bits=bias_bits)
+                             bias_bits=bias_bits, codebook=codebook, rd_lambda=rd_lambda)
     except ValidationError as e:
         raise common.UsageError(_message(e)) from None
 

@@ -22,6 +22,7 @@ P_IHT = "IHT / DSD (--method iht|dsd)"
 P_REG = "Regularisers"
 P_KD = "Distillation"
 P_DF = "Data-free (DAFL)"
+P_SWS = "Soft weight-sharing (--method sws)"
 
 
 def _opt(*names, help, panel, **kw):
@@ -61,7 +62,7 @@ def retrain(
     end: Annotated[Optional[float], _opt("--end", help="AGP: last update no later than this, in --schedule-unit [default: 3/4 of training]", panel=P_AGP)] = None,
     every: Annotated[Optional[float], _opt("--every", help="AGP dt: interval between mask updates, in --schedule-unit [default 1]", panel=P_AGP)] = None,
     schedule_unit: Annotated[str, _opt("--schedule-unit", help="unit of --start/--end/--every and of the IHT phase lengths: epochs (fractions allowed) or steps (optimizer steps)", panel=P_AGP)] = "epochs",
-    method: Annotated[Optional[str], _opt("--method", help="agp (gradual pruning on Zhu & Gupta's cubic schedule), dns (Dynamic Network Surgery), iht (sparse first) or dsd (dense first); all end sparse", panel=P_DNS)] = None,
+    method: Annotated[Optional[str], _opt("--method", help="agp (gradual pruning on Zhu & Gupta's cubic schedule), dns (Dynamic Network Surgery), iht (sparse first) or dsd (dense first), all ending sparse; or sws (soft weight-sharing: a learned Gaussian-mixture prior gathers the weights into few clusters with low label entropy, masks kept)", panel=P_DNS)] = None,
     dns_c: Annotated[Optional[float], _opt("--dns-c", help="threshold t = mean|w| + c*std|w| per layer; a, b = 0.9t, 1.1t [default 1.0]", panel=P_DNS)] = None,
     dns_gamma: Annotated[Optional[float], _opt("--dns-gamma", help="mask updated with probability (1+gamma*iter)^-power [default 1e-4]", panel=P_DNS)] = None,
     dns_power: Annotated[Optional[float], _opt("--dns-power", help="see --dns-gamma [default 1]", panel=P_DNS)] = None,
@@ -69,6 +70,9 @@ def retrain(
     sparsity: Annotated[Optional[float], _opt("--sparsity", help="IHT/DSD per-layer sparsity of the sparse phases [default: the input masks']", panel=P_IHT)] = None,
     sparse_len: Annotated[Optional[float], _opt("--sparse-len", help="IHT/DSD sparse phase length, in --schedule-unit [default 2]", panel=P_IHT)] = None,
     dense_len: Annotated[Optional[float], _opt("--dense-len", help="IHT/DSD dense phase length, in --schedule-unit [default 1]", panel=P_IHT)] = None,
+    sws_components: Annotated[Optional[int], _opt("--sws-components", help="mixture components per layer; quantize afterwards with bits = log2 of it [default 8]", panel=P_SWS)] = None,
+    sws_tau: Annotated[Optional[float], _opt("--sws-tau", help="weight of the mixture prior against the data term [default 0.005]", panel=P_SWS)] = None,
+    sws_lr: Annotated[Optional[float], _opt("--sws-lr", help="Adam learning rate of the mixture (means in units of the layer's weight std) [default 0.001]", panel=P_SWS)] = None,
     # ---- regularisers
     l1: Annotated[Optional[float], _opt("--l1", help="L1 penalty lambda on Linear/Conv weights", panel=P_REG)] = None,
     group_lasso: Annotated[Optional[float], _opt("--group-lasso", help="group-lasso lambda (sum of un-squared group L2 norms)", panel=P_REG)] = None,
@@ -107,8 +111,8 @@ def retrain(
         if schedule is not None:
             raise UsageError("give AGP once: --method agp (--schedule agp is its old spelling)")
         schedule, method = "agp", None
-    if method is not None and method not in ("dns", "iht", "dsd"):
-        raise UsageError(f"--method: choose agp, dns, iht or dsd, got {method!r}")
+    if method is not None and method not in ("dns", "iht", "dsd", "sws"):
+        raise UsageError(f"--method: choose agp, dns, iht, dsd or sws, got {method!r}")
     if schedule and method:
         raise UsageError(f"--method agp and --method {method} both change the masks; choose one")
     if schedule_unit not in ("epochs", "steps"):
@@ -117,6 +121,7 @@ def retrain(
             start=start, end=end, every=every)
     _unused(method == "dns", "--method dns", dns_c=dns_c, dns_gamma=dns_gamma, dns_power=dns_power, dns_stop=dns_stop)
     _unused(method in ("iht", "dsd"), "--method iht or dsd", sparsity=sparsity, sparse_len=sparse_len, dense_len=dense_len)
+    _unused(method == "sws", "--method sws", sws_components=sws_components, sws_tau=sws_tau, sws_lr=sws_lr)
     _unused(group_lasso is not None, "--group-lasso", remove_below=remove_below)
     _unused(data_free, "--data-free", iterations=iterations, generator_width=generator_width, lr_g=lr_g,
             input_mean=input_mean, input_std=input_std, generator=generator)
@@ -141,6 +146,11 @@ def retrain(
         parts["iht"] = _config(IHTConfig, dict(mode=method, sparsity=sparsity, sparse_len=sparse_len, dense_len=dense_len,
                                                unit=schedule_unit),
                                {"sparsity": "--sparsity", "sparse_len": "--sparse-len", "dense_len": "--dense-len"})
+    if method == "sws":
+        from dcomp.config.retrain import SWSConfig
+
+        parts["sws"] = _config(SWSConfig, dict(components=sws_components, tau=sws_tau, lr=sws_lr),
+                               {"components": "--sws-components", "tau": "--sws-tau", "lr": "--sws-lr"})
     if l1 is not None:
         parts["l1"] = _config(L1Config, dict(lam=l1), {"lam": "--l1"})
     if group_lasso is not None:
@@ -192,8 +202,11 @@ def retrain(
     if "top1_after" in m:
         rows["test top-1 % after"] = m["top1_after"]
     rows.update({"non-zero / params": f"{m['nonzero']:,} / {m['params']:,} (sparsity {m['sparsity']:.2%})"})
-    if cfg.mask_method():
+    if cfg.mask_method() or cfg.sws is not None:
         rows["method"] = method or schedule
+    for name, lay in m.get("sws_layers", {}).items():
+        if "label_entropy_bits" in lay:
+            rows[f"{name} label entropy"] = f"{lay['label_entropy_bits']:.2f} bits/weight (mixture {lay['mixture_entropy_bits']:.2f})"
     if "dns_spliced" in m:
         rows["spliced back"] = m["dns_spliced"]
     rows["output"] = dest

@@ -22,6 +22,7 @@ distinct values than ``k``, the codebook is exactly the distinct values (zero er
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -339,3 +340,99 @@ def inertia_of(values: torch.Tensor, codebook: torch.Tensor) -> float:
         return float(((x - cb[0]) ** 2).sum())
     idx = torch.searchsorted((cb[:-1] + cb[1:]) * 0.5, x)
     return float(((x - cb[idx]) ** 2).sum())
+
+
+# ---- rate-distortion (entropy-constrained) rounding ----------------------------------------------
+
+RD_CHUNK = 1 << 16  # values per block of the (values x levels) cost table
+
+
+@dataclass
+class RDResult:
+    codebook: torch.Tensor   # float32 (k_used,), ascending, every entry used
+    labels: torch.Tensor     # int64 (n,), input order
+    bits: float              # empirical entropy of the labels, bits per value (order-0 code length)
+    mse: float               # mean squared error against the float32 codebook
+    iterations: int
+    converged: bool
+
+
+@torch.no_grad()
+def rd_quantize1d(values: torch.Tensor, codebook: torch.Tensor, lam: float, update_centroids: bool = True,
+                  max_iter: int = 100) -> RDResult:
+    """Entropy-constrained quantization (Chou, Lookabaugh & Gray 1989) of 1-D ``values``.
+
+    Each value goes to the level minimising ``(x - c_j)^2 / var(x) + lam * L_j``, where
+    ``L_j = -log2 p_j`` is the code length of level j under the current label frequencies: a value
+    near the boundary of two levels goes to the more frequent one, which costs a little distortion
+    and saves bits once the labels are entropy-coded (Huffman / rANS in the .dcz). The frequencies
+    (and, with ``update_centroids``, the levels as the means of their values, i.e. entropy-
+    constrained k-means; without it a fixed grid such as a uniform one) are re-estimated until the
+    labels stop changing. ``lam = 0`` is plain nearest-level rounding (one Lloyd step). Levels
+    that lose every value are dropped (their code length is infinite). Vectorised over blocks of
+    ``RD_CHUNK`` values, no loop over values."""
+    x = values.detach().reshape(-1).to("cpu", torch.float64)
+    c = torch.sort(codebook.detach().reshape(-1).double()).values
+    n = x.numel()
+    if n == 0 or c.numel() == 0:
+        return RDResult(codebook.float().reshape(-1)[:0], torch.zeros(n, dtype=torch.long), 0.0, 0.0, 0, True)
+    if not bool(torch.isfinite(x).all()):
+        raise UsageError("rate-distortion rounding: the weights contain NaN or infinity; fix the model first")
+    var = float(x.var()) if n > 1 else 0.0
+    var = var if var > 0 else 1.0
+    lengths = torch.full_like(c, math.log2(c.numel()))
+    labels = None
+    iterations, converged = 0, False
+    for _ in range(max_iter):
+        c32 = c.float().double()  # judge against the float32 levels that are stored
+        new = torch.empty(n, dtype=torch.long)
+        for i in range(0, n, RD_CHUNK):
+            xb = x[i:i + RD_CHUNK]
+            cost = (xb[:, None] - c32[None, :]) ** 2 / var + lam * lengths[None, :]
+            new[i:i + RD_CHUNK] = cost.argmin(1)
+        iterations += 1
+        if labels is not None and torch.equal(new, labels):
+            converged = True
+            break
+        labels = new
+        counts = torch.bincount(labels, minlength=c.numel()).double()
+        used = counts > 0
+        if update_centroids:
+            sums = torch.zeros_like(c).scatter_add_(0, labels, x)
+            c = torch.where(used, sums / counts.clamp(min=1), c)
+        p = counts / n
+        lengths = torch.where(used, -torch.log2(p.clamp(min=1e-300)), torch.full_like(p, float("inf")))
+        if lam == 0 and not update_centroids:
+            converged = True
+            break
+    # keep the used levels, ascending, and relabel
+    counts = torch.bincount(labels, minlength=c.numel())
+    used = counts > 0
+    remap = torch.cumsum(used.long(), 0) - 1
+    cb = c[used].float()
+    order = torch.argsort(cb)  # means of a converged ECVQ stay ordered; sort anyway
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel())
+    labels = inv[remap[labels]]
+    cb = cb[order]
+    p = counts[used].double() / n
+    bits = float(-(p * torch.log2(p)).sum())
+    mse = float(((x - cb.double()[labels]) ** 2).mean())
+    return RDResult(cb.contiguous(), labels, bits, mse, iterations, converged)
+
+
+def uniform_levels(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` equally spaced levels from the smallest to the largest value (float64, ascending)."""
+    v = values.detach().reshape(-1).double()
+    if v.numel() == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.linspace(float(v.min()), float(v.max()), k, dtype=torch.float64)
+
+
+def label_entropy(labels: torch.Tensor) -> float:
+    """Empirical order-0 entropy of integer labels, bits per label."""
+    if labels.numel() == 0:
+        return 0.0
+    p = torch.bincount(labels.reshape(-1).long()).double()
+    p = p[p > 0] / labels.numel()
+    return float(-(p * torch.log2(p)).sum())

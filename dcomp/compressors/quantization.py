@@ -139,13 +139,22 @@ def check_quantized(ckpt: Checkpoint) -> None:
 
 @torch.no_grad()
 def quantize_weight(weight: torch.Tensor, mask: torch.Tensor | None, bits: int, init: str = "linear",
-                    max_iter: int = 1000, seed: int = 0) -> tuple[dict[str, Any], torch.Tensor, dict[str, Any]]:
-    """Cluster one weight: (quant entry, new weight, per-layer metrics)."""
+                    max_iter: int = 1000, seed: int = 0, levels: str = "kmeans",
+                    rd_lambda: float = 0.0) -> tuple[dict[str, Any], torch.Tensor, dict[str, Any]]:
+    """Cluster one weight: (quant entry, new weight, per-layer metrics). ``codebook``/``rd_lambda``:
+    ``levels`` is QuantizeConfig.codebook (k-means or a uniform grid, then rate-distortion rounding when rd_lambda > 0)."""
     w = weight.detach()
     values = w[mask] if mask is not None else w.reshape(-1)
     values32 = values.float()
     k = 2 ** bits
     res = kmeans1d(values32, k, init=init, max_iter=max_iter, seed=seed, with_inertia=False)
+    rd = None
+    if res.distinct > k and (levels == "uniform" or rd_lambda > 0):
+        from dcomp.compressors.kmeans import rd_quantize1d, uniform_levels
+
+        start = uniform_levels(values32, k) if levels == "uniform" else res.codebook
+        rd = rd_quantize1d(values32, start, rd_lambda, update_centroids=levels == "kmeans")
+        res.codebook, res.labels = rd.codebook, rd.labels
     codebook = res.codebook.to(w.dtype).float() if res.codebook.numel() else torch.zeros(1)
     if mask is not None and res.codebook.numel():
         # a pruned layer's zero pattern must not change: a non-zero weight may not become exactly 0
@@ -168,6 +177,11 @@ def quantize_weight(weight: torch.Tensor, mask: torch.Tensor | None, bits: int, 
         "sqnr_db": (10 * math.log10(signal / sse) if sse > 0 and signal > 0 else None),
         "iterations": res.iterations, "converged": res.converged,
     }
+    from dcomp.compressors.kmeans import label_entropy
+
+    metrics["index_entropy"] = label_entropy(res.labels)  # bits per non-zero weight, order 0
+    if rd is not None:
+        metrics.update({"levels": levels, "rd_lambda": rd_lambda, "rd_iterations": rd.iterations})
     if res.distinct < k:
         metrics["note"] = f"only {res.distinct} distinct values: {res.distinct} clusters, exact"
     entry = {"bits": int(bits), "codebook": codebook.contiguous(), "assignments": assignments}
@@ -190,7 +204,8 @@ def apply_quantize(ckpt: Checkpoint, cfg: QuantizeConfig, ctx: StageContext, pro
     layers: dict[str, dict[str, Any]] = {}
     for i, (name, bits) in enumerate(plan.items()):
         mask = out.masks.get(name)
-        entry, new_w, m = quantize_weight(out.state_dict[name], mask, bits, cfg.init, cfg.max_iter, ctx.seed + i)
+        entry, new_w, m = quantize_weight(out.state_dict[name], mask, bits, cfg.init, cfg.max_iter, ctx.seed + i,
+                                          cfg.codebook, cfg.rd_lambda)
         out.state_dict[name] = new_w
         out.quant[name] = entry
         layers[name] = m
@@ -311,12 +326,18 @@ class _CentroidLr(Callback):
 class CentroidFinetune(Callback):
     """Fine-tune a quantized model's codebooks with the assignments fixed (Han et al.).
 
-    After backward, each centroid moves by ``-lr * sum`` of the gradients of the weights assigned
+    After backward, each centroid moves by ``-lr * mean`` of the gradients of the weights assigned
     to it (pruned positions excluded); after every optimizer step the quantized weights are
     rewritten to ``where(mask, codebook[assignments], 0)``, so they always equal their centroid.
     The optimizer must not own those weights: pass ``trainable_parameters()`` to ``fit``.
     ``lr``: fixed centroid learning rate; default the optimizer's current (scheduled) rate,
     or ``ctx.state["centroid_lr"]`` when a callback set it.
+
+    Why the mean: the loss gradient of a centroid is the SUM over its cluster, which grows with the
+    cluster's size. Han et al. step by the sum, which is stable with 32 clusters of a few hundred
+    weights at a small rate, but with 2-4 clusters of thousands of weights one step moved a
+    centroid by thousands of single-weight steps and training diverged (loss NaN). The mean moves a
+    centroid at the scale of one weight's step whatever the cluster size.
     """
 
     def __init__(self, ckpt: Checkpoint, model: nn.Module, lr: float | None = None):
@@ -329,7 +350,16 @@ class CentroidFinetune(Callback):
         self.codebooks = {n: ckpt.quant[n]["codebook"].detach().float().clone() for n in self.names}
         self.assign = {n: ckpt.quant[n]["assignments"].long().reshape(-1) for n in self.names}
         self.masks = {n: ckpt.masks.get(n) for n in self.names}
+        self.counts = {n: self._counts(n, self.masks[n]) for n in self.names}
         self.steps = 0
+
+    def _counts(self, name: str, mask: torch.Tensor | None) -> torch.Tensor:
+        """Live weights per centroid (at least 1, so an empty cluster gets a zero step)."""
+        a = self.assign[name]
+        ones = torch.ones(a.shape, dtype=torch.float32)
+        if mask is not None:
+            ones = mask.reshape(-1).float()
+        return torch.zeros(self.codebooks[name].numel()).scatter_add_(0, a, ones).clamp_(min=1.0)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer may update: every parameter except the quantized weights."""
@@ -364,7 +394,7 @@ class CentroidFinetune(Callback):
                 g = torch.where(mask.reshape(-1), g, torch.zeros((), dtype=g.dtype))
             cb = self.codebooks[n]
             sums = torch.zeros_like(cb).scatter_add_(0, self.assign[n], g)
-            cb.sub_(lr * sums)
+            cb.sub_(lr * sums / self.counts[n])
             p.grad = None  # the optimizer must not move a shared weight itself
         self.steps += 1
 

@@ -32,6 +32,14 @@ class QuantizeConfig(BaseModel):
     exclude: list[str] = Field(default_factory=list, description="regexes of parameter names left unquantized")
     init: Literal["linear", "density", "random"] = Field("linear", description="k-means initialisation")
     max_iter: int = Field(1000, ge=1, description="Lloyd iterations at most (each is O(k log n))")
+    codebook: Literal["kmeans", "uniform"] = Field(
+        "kmeans", description="kmeans: 2^bits shared values from 1-D k-means; uniform: 2^bits equally spaced levels "
+                              "from the smallest to the largest weight of the layer (a fixed grid)")
+    rd_lambda: float = Field(0.0, ge=0, description="rate-distortion rounding: each weight goes to the level minimising "
+                                                    "(w - c)^2 / var(w) + rd_lambda x code length of c in bits (the "
+                                                    "label frequencies, re-estimated; with kmeans the levels too): "
+                                                    "fewer bits per index once entropy-coded, at some error. 0: "
+                                                    "nearest level (plain k-means / uniform rounding)")
     requantize: bool = Field(False, description="allow asking more bits than a layer is already quantized to")
     finetune: TrainConfig | None = Field(None, description="centroid fine-tuning after clustering (needs data)")
     centroid_lr: float | None = Field(None, gt=0, description="centroid learning rate (default: the optimizer's)")

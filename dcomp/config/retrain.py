@@ -1,5 +1,6 @@
 """Options of the training-time methods the retrain stage runs as callbacks: AGP, Dynamic
-Network Surgery, IHT/DSD, L1 and group-lasso regularisers, distillation (KD / CC)."""
+Network Surgery, IHT/DSD, L1 and group-lasso regularisers, distillation (KD / CC), soft
+weight-sharing (a mixture prior)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,32 @@ class DistillConfig(BaseModel):
     cc_order: int = Field(2, ge=0, le=8, description="P: order of the kernel's Taylor expansion")
 
 
+class SWSConfig(BaseModel):
+    """Soft weight-sharing: a learned Gaussian-mixture prior per layer (``retrain --method sws``;
+    dcomp.compressors.sws)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    components: int = Field(8, ge=2, le=256, description="mixture components per layer; quantize afterwards "
+                                                          "with bits = log2(components)")
+    tau: float = Field(0.005, gt=0, description="weight of the prior against the data term (Ullrich et al.: 0.005)")
+    lr: float = Field(0.001, gt=0, description="Adam learning rate of the mixture parameters (means in units of "
+                                                "the layer's weight std)")
+    init_std: float = Field(0.25, gt=0, description="initial std of every component, in units of the layer's "
+                                                     "weight std")
+    min_std: float = Field(0.01, gt=0, description="floor of a component's std, in units of the layer's weight std "
+                                                    "(bounds the pull on a weight)")
+    layers: list[str] | None = Field(None, description="parameter names (default: every Linear/Conv weight)")
+
+    @field_validator("min_std")
+    @classmethod
+    def _floor(cls, v, info):
+        init = info.data.get("init_std")
+        if init is not None and v > init:
+            raise ValueError(f"min_std ({v}) must not exceed init_std ({init})")
+        return v
+
+
 def default_train() -> TrainConfig:
     return TrainConfig(epochs=5, **FINETUNE_DEFAULTS)
 
@@ -137,6 +164,7 @@ class RetrainConfig(BaseModel):
     group_lasso: GroupLassoConfig | None = None
     distill: DistillConfig | None = None
     dafl: DataFreeConfig | None = None
+    sws: SWSConfig | None = None
 
     @model_validator(mode="after")
     def _check(self):
