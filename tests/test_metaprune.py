@@ -280,3 +280,21 @@ def test_search_under_torchrun_spreads_candidates(tmp_path, lenet_path):
     assert len({tuple(x["genes"]) for x in lines}) == len(lines)
     assert sum(lo <= x["params"] <= hi for x in lines) >= doc["evaluated"]
     assert (tmp_path / "s.pt").is_file() and not list(tmp_path.glob(".s.pt.*"))
+
+
+@pytest.mark.slow
+def test_pruningnet_on_torchvision_mobilenet_v2():
+    """A torchvision net (depthwise convs, inverted residuals): exact costs and a forward through the
+    candidate's shrunk copy."""
+    from dcomp.models.vision import vision_models
+
+    model = vision_models().mobilenet_v2(num_classes=10).eval()
+    space = build_space(model, (3, 32, 32), paper_grid())
+    assert len(space.groups) > 10
+    net = PruningNet(space, hidden=2)
+    genes = space.random_genes(torch.Generator().manual_seed(0))
+    small, _ = net.candidate_model(genes)
+    assert space.cost(genes).macs == count_macs(small, (3, 32, 32))[0]
+    assert space.cost(genes).params == sum(p.numel() for p in small.parameters())
+    net.set_candidate(genes)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
