@@ -7,8 +7,9 @@ For vgg-small and resnet-small on digits at 32x32 and on MNIST-10k (../shared/da
 28x28): one base model per (net, data) (seed 0), then per seed one PruningNet (shared by both budgets,
 as MetaPruning intends) and, at 50% and 30% of the base's MACs:
 
-* searched  ``apply_search`` (init l1: the base's top-L1 units at the searched widths), window
-            [0.9 x budget, budget];
+* searched      the searched widths (``apply_search``, window [0.9 x budget, budget]) with the
+                base's top-L1 units (``--init l1``);
+* searched-gen  the same widths with the PruningNet's generated weights (``--init generated``);
 * uniform   every group keeps the same ratio (the largest with MACs <= budget), top-L1 units
             (``prune --method filter`` at one ratio);
 * l1-global one L1 ranking over all groups (filter scores normalised by each group's mean, as
@@ -42,6 +43,7 @@ SCHED = {"digits32": {"base": 8, "pruningnet": 3, "retrain": 3},
 SEARCH = dict(population=12, parents=4, mutations=6, crossovers=6, iterations=3, recal_samples=256, val_samples=400)
 BUDGETS = (0.5, 0.3)
 NETS = ("vgg-small", "resnet-small")
+METHODS = ("searched", "searched-gen", "uniform", "l1-global")
 
 
 def cpu() -> float:
@@ -184,32 +186,49 @@ def run(seeds, out: Path, nets, datas) -> None:
                 model = base.build_model().eval()
                 space = build_space(model, base.input_shape, SearchConfig(max_macs="1x").grid)
                 full = space.full_macs
-                pn_state, cache = None, {}
+                pn_path = WORK / f"pn-{net}-{data_key}-{seed}.pt"
+                log_path = WORK / f"log-{net}-{data_key}-{seed}.jsonl"
+                pn_state = torch.load(pn_path, weights_only=True) if pn_path.is_file() else None
+                cache = {}
+                if log_path.is_file():
+                    for line in log_path.read_text().splitlines():
+                        try:
+                            rec = json.loads(line)
+                            cache[f"{rec['key']}:{','.join(map(str, rec['genes']))}"] = rec
+                        except (json.JSONDecodeError, KeyError):
+                            continue
+
+                def on_record(rec, log_path=log_path, cache=cache):
+                    cache[f"{rec['key']}:{','.join(map(str, rec['genes']))}"] = rec
+                    append(log_path, rec)
+
                 rt_cfg = TrainConfig(epochs=sched["retrain"], lr=0.01, weight_decay=0.0)
                 for b in BUDGETS:
-                    ids = {m: f"{m}/{net}/{data_key}/{b}/{seed}" for m in ("searched", "uniform", "l1-global")}
+                    ids = {m: f"{m}/{net}/{data_key}/{b}/{seed}" for m in METHODS}
                     if all(i in done for i in ids.values()):
                         continue
                     cands = {}
-                    if ids["searched"] not in done:
-                        cfg = SearchConfig(max_macs=f"{b}x", train=TrainConfig(epochs=sched["pruningnet"], lr=0.01,
+                    if ids["searched"] not in done or ids["searched-gen"] not in done:
+                        cfg = SearchConfig(max_macs=f"{b}x", init="generated", train=TrainConfig(epochs=sched["pruningnet"], lr=0.01,
                                                                                 weight_decay=0.0), **SEARCH)
                         saved = []
                         t = cpu()
-                        r = apply_search(base, cfg, StageContext(data=ds, seed=seed), cache=cache,
-                                         on_record=lambda rec: cache.__setitem__(
-                                             f"{rec['key']}:{','.join(map(str, rec['genes']))}", rec),
+                        r = apply_search(base, cfg, StageContext(data=ds, seed=seed), cache=cache, on_record=on_record,
                                          pruningnet=pn_state, on_pruningnet=saved.append)
                         if saved:
                             pn_state = saved[0]
+                            torch.save(pn_state, pn_path)
                         m = r.metrics
-                        cands["searched"] = (r.checkpoint, {"search_cpu_s": round(cpu() - t, 1),
-                                                            "pruningnet_cpu_s": m["cpu_seconds"]["pruningnet"],
-                                                            "search_only_cpu_s": m["cpu_seconds"]["search"],
-                                                            "evaluated": m["evaluated"], "reused": m["reused"],
-                                                            "val_top1": m["winner"]["val_top1"],
-                                                            "uniform_val_top1": (m["uniform"] or {}).get("top1"),
-                                                            "widths": [w["units"] for w in m["winner"]["widths"].values()]})
+                        info = {"search_cpu_s": round(cpu() - t, 1), "pruningnet_cpu_s": m["cpu_seconds"]["pruningnet"],
+                                "search_only_cpu_s": m["cpu_seconds"]["search"], "evaluated": m["evaluated"],
+                                "reused": m["reused"], "val_top1": m["winner"]["val_top1"],
+                                "uniform_val_top1": (m["uniform"] or {}).get("top1"),
+                                "widths": [w["units"] for w in m["winner"]["widths"].values()]}
+                        if ids["searched-gen"] not in done:
+                            cands["searched-gen"] = (r.checkpoint, info)
+                        if ids["searched"] not in done:
+                            removed = space.removed(tuple(m["winner"]["genes"]))
+                            cands["searched"] = (at_removed(base, space, removed, ds), info)
                     if ids["uniform"] not in done:
                         ratio, removed = uniform_removed(space, b * full)
                         cands["uniform"] = (at_removed(base, space, removed, ds), {"ratio": round(ratio, 4)})
@@ -240,7 +259,7 @@ def table(out: Path) -> str:
     lines.append("|---|---|---|---|---|---|---|---|---|")
     keys = sorted({(r["net"], r["data"], r["budget"]) for r in res}, key=lambda k: (k[1], k[0], -k[2]))
     for net, data, b in keys:
-        for method in ("searched", "uniform", "l1-global"):
+        for method in METHODS:
             rs = [r for r in res if (r["net"], r["data"], r["budget"], r["method"]) == (net, data, b, method)]
             if not rs:
                 continue
@@ -260,8 +279,12 @@ def table(out: Path) -> str:
             lines.append(f"| {r['net']} | {r['data']} | {r['budget']:g}x (seed {r['seed']}) | {r['pruningnet_cpu_s']:.0f} | "
                          f"{r['search_only_cpu_s']:.0f} | {r['evaluated']} ({r['reused']} reused) | "
                          f"{r['val_top1']:.2f} / {r['uniform_val_top1'] if r['uniform_val_top1'] is None else round(r['uniform_val_top1'], 2)} |")
-    total = sum(r.get("cpu_s", 0) for r in recs if r["kind"] == "base") + sum(
-        r.get("search_cpu_s", 0) + r.get("retrain_cpu_s", 0) for r in res)
+    search_cost: dict[tuple, float] = {}   # one search serves searched and searched-gen: count it once
+    for r in res:
+        k = (r["net"], r["data"], r["budget"], r["seed"])
+        search_cost[k] = max(search_cost.get(k, 0.0), r.get("search_cpu_s", 0.0))
+    total = sum(r.get("cpu_s", 0) for r in recs if r["kind"] == "base") + sum(search_cost.values()) + sum(
+        r.get("retrain_cpu_s", 0) for r in res)
     lines.append("")
     lines.append(f"total CPU time of the recorded work: {total / 60:.1f} CPU-minutes")
     return "\n".join(lines)
