@@ -11,11 +11,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dcomp.compressors.metaprune.budget import METRICS, OPTION, Window, fmt_value, parse_budget
+from dcomp.compressors.metaprune.budget import OPTION, Window, fmt_value, parse_budget
 from dcomp.compressors.metaprune.config import SearchConfig
 from dcomp.compressors.metaprune.evolution import EvoSettings, Evolution
 from dcomp.compressors.metaprune.space import Cost, SearchSpace, build_space
-from dcomp.errors import DcompError, UsageError
+from dcomp.errors import UsageError
 from dcomp.formats.checkpoint import Checkpoint
 from dcomp.stages import StageContext, StageResult
 
@@ -280,5 +280,3 @@ def apply_search(ckpt: Checkpoint, cfg: SearchConfig, ctx: StageContext | None =
     out.add_provenance("search", params, {k: v for k, v in metrics.items() if k not in ("candidates", "history")})
     return StageResult(checkpoint=out, metrics=metrics)
 
-
-_ = (DcompError, METRICS)
