@@ -329,3 +329,38 @@ def bench_figure(summary: dict[str, Any], path: str | Path, fmt: str | None = No
     ax.legend(fontsize=7)
     ax.tick_params(labelsize=7)
     return save(fig, path, fmt)
+
+
+def search_figure(doc: dict[str, Any], path: str | Path, fmt: str | None = None) -> str:
+    """MetaPruning search (``dcomp search``): validation top-1 against MACs of every scored candidate,
+    coloured by the iteration that first scored it, with the budget window shaded, the winner and the
+    uniform-width baseline marked. ``doc`` is the search's metrics (``candidates``, ``winner``,
+    ``uniform``, ``window``, ``model``)."""
+    fig, (ax,) = _figure(1, 1)
+    cands = doc.get("candidates") or []
+    full = float((doc.get("model") or {}).get("macs") or 1)
+    if cands:
+        xs = np.array([c["macs"] / full for c in cands])
+        ys = np.array([c["top1"] for c in cands])
+        its = np.array([c.get("iteration", 0) for c in cands])
+        sc = ax.scatter(xs, ys, c=its, cmap="viridis", s=12, alpha=0.8, linewidths=0)
+        cb = fig.colorbar(sc, ax=ax)
+        cb.set_label("iteration")
+    win = (doc.get("window") or {}).get("macs")
+    if win:
+        ax.axvspan(win[0] / full, win[1] / full, color="#cccccc", alpha=0.35, lw=0, label="MACs window")
+    w = doc.get("winner")
+    if w:
+        ax.scatter([w["macs"] / full], [w["val_top1"]], marker="*", s=160, color=COLORS[1], edgecolors="black",
+                   linewidths=0.6, zorder=5, label="winner")
+    u = doc.get("uniform")
+    if u:
+        ax.scatter([u["macs"] / full], [u["top1"]], marker="D", s=50, color=COLORS[4], edgecolors="black",
+                   linewidths=0.6, zorder=5, label=f"uniform {u['ratio']:g}")
+    ax.set_xlabel("MACs (fraction of the input model)")
+    ax.set_ylabel("val top-1 % (generated weights)")
+    ax.set_title("MetaPruning search", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if w or u or win:
+        ax.legend(fontsize=7, loc="lower right")
+    return save(fig, path, fmt)

@@ -144,6 +144,8 @@ STAGES: dict[str, StageSpec] = {
                            "low-rank factorization (truncated SVD) of Linear/Conv2d layers into two layers"),
     "sweep": StageSpec(_lazy("dcomp.config.sweep:SweepConfig"), "metrics",
                        "accuracy vs sparsity per method and layer; a later prune with max_drop chooses from it"),
+    "search": StageSpec(_lazy("dcomp.compressors.metaprune.config:SearchConfig"), "checkpoint",
+                        "MetaPruning: PruningNet + evolutionary search of per-layer widths under a MACs/params/latency budget"),
 }
 
 
@@ -719,6 +721,13 @@ def _run_factorize(ckpt, s, ctx, state):
     return r.checkpoint, None, r.metrics
 
 
+def _run_search(ckpt, s, ctx, state):
+    from dcomp.compressors.metaprune.apply import apply_search
+
+    r = apply_search(ckpt, s.config, ctx)
+    return r.checkpoint, None, {k: v for k, v in r.metrics.items() if k != "candidates"}
+
+
 RUNNERS: dict[str, StageRunner] = {
     "pack": _run_pack,
     "bench": _run_bench,
@@ -731,4 +740,5 @@ RUNNERS: dict[str, StageRunner] = {
     "eval": _run_eval,
     "factorize": _run_factorize,
     "sweep": _run_sweep,
+    "search": _run_search,
 }

@@ -196,6 +196,7 @@ GLOBAL_HELP = ("Global options (before or after the command): --json (JSON summa
 def _register() -> None:
     from dcomp.cli import bench, distill, export, info, pack, plot, prune, quantize, recipe, retrain, run, sweep, train, zoo
     from dcomp.cli import factorize
+    from dcomp.cli import search
     from dcomp.cli import eval as eval_cmd
 
     commands = [("train", train.train), ("eval", eval_cmd.eval_), ("info", info.info), ("zoo", zoo.zoo),
@@ -203,7 +204,8 @@ def _register() -> None:
                 ("pack", pack.pack), ("unpack", pack.unpack), ("inspect", pack.inspect),
                 ("export", export.export), ("bench", bench.bench), ("run", run.run),
                 ("factorize", factorize.factorize),
-                ("distill", distill.distill), ("sweep", sweep.sweep), ("plot", plot.plot)]
+                ("distill", distill.distill), ("sweep", sweep.sweep), ("plot", plot.plot),
+                ("search", search.search)]
     for name, fn in commands:  # help: the function's docstring, else its module's
         app.command(name, help=fn.__doc__ or sys.modules[fn.__module__].__doc__, epilog=GLOBAL_HELP)(fn)
     app.add_typer(recipe.recipe_app, name="recipe", epilog=GLOBAL_HELP)
