@@ -144,7 +144,7 @@ STAGES: dict[str, StageSpec] = {
                            "low-rank factorization (truncated SVD) of Linear/Conv2d layers into two layers"),
     "sweep": StageSpec(_lazy("dcomp.config.sweep:SweepConfig"), "metrics",
                        "accuracy vs sparsity per method and layer; a later prune with max_drop chooses from it"),
-    "search": StageSpec(_lazy("dcomp.compressors.metaprune.config:SearchConfig"), "checkpoint",
+    "search": StageSpec(_lazy("dcomp.config.search:SearchConfig"), "checkpoint",
                         "MetaPruning: PruningNet + evolutionary search of per-layer widths under a MACs/params/latency budget"),
 }
 

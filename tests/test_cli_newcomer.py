@@ -175,6 +175,7 @@ def test_recipe_validate_starts_without_torch(tmp_path):
           - {stage: distill, train: {epochs: 1}, distill: {teacher: input}}
           - {stage: factorize, rank: 8}
           - {stage: dafl, width: 0.5}
+          - {stage: search, max_macs: 0.5x}
           - {stage: quantize, bits: 5}
           - {stage: finetune}
           - {stage: eval}

@@ -71,7 +71,7 @@ def search(
 ):
     from pydantic import ValidationError
 
-    from dcomp.compressors.metaprune.config import SearchConfig, parse_grid
+    from dcomp.config.search import SearchConfig, parse_grid
     from dcomp.stages import StageContext
 
     fields: dict = dict(max_macs=max_macs, max_params=max_params, max_latency_ms=max_latency_ms,

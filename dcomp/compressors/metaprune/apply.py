@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dcomp.compressors.metaprune.budget import OPTION, Window, fmt_value, parse_budget
-from dcomp.compressors.metaprune.config import SearchConfig
+from dcomp.config.search import SearchConfig
 from dcomp.compressors.metaprune.evolution import EvoSettings, Evolution
 from dcomp.compressors.metaprune.space import Cost, SearchSpace, build_space
 from dcomp.errors import UsageError

@@ -6,7 +6,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dcomp.train_config import TrainConfig
+from dcomp.config.train import TrainConfig
 
 PAPER_GRID = [round(0.1 + 0.9 * i / 30, 6) for i in range(31)]
 
