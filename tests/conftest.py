@@ -67,3 +67,16 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], input=input)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def pruned(lenet_ckpt):
+    """The fixture LeNet-300-100 with exact 90% magnitude masks (not retrained: enough for invariants)."""
+    from dcomp.compressors.masks import magnitude_mask
+
+    ck = lenet_ckpt.copy()
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        m = magnitude_mask(ck.state_dict[name], 0.9)
+        ck.masks[name] = m
+        ck.state_dict[name] = torch.where(m, ck.state_dict[name], torch.zeros(()))
+    return ck

@@ -18,17 +18,6 @@ from dcomp.stages import StageContext
 from dcomp.train import TrainConfig, fit
 
 
-@pytest.fixture(scope="module")
-def pruned(lenet_ckpt):
-    """The fixture LeNet-300-100 with exact 90% magnitude masks (not retrained: enough for invariants)."""
-    ck = lenet_ckpt.copy()
-    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
-        m = magnitude_mask(ck.state_dict[name], 0.9)
-        ck.masks[name] = m
-        ck.state_dict[name] = torch.where(m, ck.state_dict[name], torch.zeros(()))
-    return ck
-
-
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
 

@@ -10,21 +10,10 @@ import torch
 from pydantic import ValidationError
 
 from dcomp.compressors.kmeans import label_entropy, rd_quantize1d, uniform_levels
-from dcomp.compressors.masks import magnitude_mask
 from dcomp.compressors.quantization import QuantizeConfig, apply_quantize, check_quantized
 from dcomp.formats.checkpoint import read_checkpoint
 from dcomp.formats.dcz import PackConfig, inspect_bytes, pack, read_bytes
 from dcomp.stages import StageContext
-
-
-@pytest.fixture(scope="module")
-def pruned(lenet_ckpt):
-    ck = lenet_ckpt.copy()
-    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
-        m = magnitude_mask(ck.state_dict[name], 0.9)
-        ck.masks[name] = m
-        ck.state_dict[name] = torch.where(m, ck.state_dict[name], torch.zeros(()))
-    return ck
 
 
 def test_lambda_zero_on_a_fixed_grid_is_nearest_rounding():

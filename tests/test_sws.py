@@ -10,7 +10,6 @@ import torch
 from pydantic import ValidationError
 
 from dcomp.compressors.kmeans import label_entropy
-from dcomp.compressors.masks import magnitude_mask
 from dcomp.compressors.quantization import QuantizeConfig, apply_quantize, check_quantized
 from dcomp.config.retrain import SWSConfig
 from dcomp.formats.checkpoint import read_checkpoint
@@ -19,16 +18,6 @@ from dcomp.stages import StageContext
 from dcomp.train import TrainConfig
 
 TRAIN = TrainConfig(epochs=5, lr=0.01, weight_decay=0.0)
-
-
-@pytest.fixture(scope="module")
-def pruned(lenet_ckpt):
-    ck = lenet_ckpt.copy()
-    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
-        m = magnitude_mask(ck.state_dict[name], 0.9)
-        ck.masks[name] = m
-        ck.state_dict[name] = torch.where(m, ck.state_dict[name], torch.zeros(()))
-    return ck
 
 
 def _entropy(ck, name):
