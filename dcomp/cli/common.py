@@ -366,6 +366,36 @@ def with_train_options(exclude: tuple[str, ...] = (), **defaults):
     return decorate
 
 
+def stage_input(model, output, arch, arch_kwargs, data, resize, needs_data: bool):
+    """What a checkpoint-to-checkpoint command starts with: the output planned (and probed)
+    before any work, the input checkpoint, and the StageContext (with a dataset when --data is
+    given or ``needs_data``). Returns (sink, ckpt, ctx)."""
+    from dcomp.stages import StageContext
+
+    inp = read_input(model)
+    sink = plan_output(output, inp)
+    ckpt = load_checkpoint(inp, arch, arch_kwargs, data, resize)
+    ds = dataset_for(ckpt, data, resize) if (data is not None or needs_data) else None
+    ctx = StageContext(data=ds, console=console(), seed=state.seed, trust_pickle=state.trust_pickle)
+    return sink, ckpt, ctx
+
+
+def layer_values(specs: list[str] | None, unit: str = "VALUE", example: str = "fc3=0.7",
+                 convert=str) -> dict:
+    """Repeated ``--layer REGEX=VALUE`` options -> {regex: convert(value)}; the last '=' separates
+    the value, so a regex may contain '='. Bad entries are one usage line naming the entry."""
+    out: dict = {}
+    for spec in specs or []:
+        pattern, sep, value = spec.rpartition("=")
+        if not sep or not pattern:
+            raise UsageError(f"--layer {spec!r}: expected REGEX={unit}, e.g. --layer '{example}'")
+        try:
+            out[pattern] = convert(value)
+        except ValueError:
+            raise UsageError(f"--layer {spec!r}: {unit.lower()} must be an integer, got {value!r}") from None
+    return out
+
+
 def train_config(**values):
     """Build a TrainConfig from CLI option values, turning validation errors into one line."""
     from dcomp.config.train import TrainConfig

@@ -45,20 +45,14 @@ def factorize(
     resize: ResizeOpt = None,
     train_opts: dict | None = None,
 ):
-    from dcomp.compressors.lowrank import FactorizeConfig, apply_factorize, parse_layer_ranks
-    from dcomp.stages import StageContext
+    from dcomp.compressors.lowrank import FactorizeConfig, apply_factorize
 
     finetune = common.train_config(epochs=finetune_epochs, **train_opts) if finetune_epochs > 0 else None
     cfg = common.build_config(FactorizeConfig, rank=rank, energy=energy, ratio=ratio,
-                              layers=parse_layer_ranks(layer or []), exclude=list(exclude or []), conv=conv,
+                              layers=common.layer_values(layer, "RANK", "fc1=64", int), exclude=list(exclude or []), conv=conv,
                               force=force, finetune=finetune)
 
-    inp = common.read_input(model)
-    sink = common.plan_output(output, inp)
-    ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
-    ds = common.dataset_for(ckpt, data, resize) if (data is not None or finetune is not None) else None
-    con = common.console()
-    ctx = StageContext(data=ds, console=con, seed=common.state.seed, trust_pickle=common.state.trust_pickle)
+    sink, ckpt, ctx = common.stage_input(model, output, arch, arch_kwargs, data, resize, needs_data=finetune is not None)
     result = apply_factorize(ckpt, cfg, ctx)
     dest = sink.write(result.checkpoint.to_bytes())
     common.emit({"output": dest, **result.metrics}, lambda c: _render(c, result.metrics, dest))

@@ -32,7 +32,6 @@ import typer
 
 from dcomp.cli import common
 from dcomp.cli.common import ArchKwargsOpt, ArchOpt, DataOpt, InputArg, OutputOpt, ResizeOpt
-from dcomp.errors import UsageError
 
 
 @common.with_train_options(exclude=("select",))
@@ -61,14 +60,8 @@ def prune(
     train_opts: dict | None = None,
 ):
     from dcomp.compressors.pruning import PruneConfig, apply_prune
-    from dcomp.stages import StageContext
 
-    overrides: dict[str, str] = {}
-    for item in layer or []:
-        rx, sep, val = item.rpartition("=")
-        if not sep or not rx:
-            raise UsageError(f"--layer {item!r}: expected REGEX=VALUE, e.g. 'fc3=0.7'")
-        overrides[rx] = val
+    overrides = common.layer_values(layer)
     retrain_cfg = None
     if epochs_per_round > 0:
         retrain_cfg = common.train_config(epochs=epochs_per_round, **train_opts)
@@ -77,13 +70,9 @@ def prune(
                               schedule=schedule, retrain=retrain_cfg, recalibrate_bn=recalibrate_bn,
                               importance=importance, global_rank=global_rank, max_drop=max_drop, sweep=sweep)
 
-    inp = common.read_input(model)
-    sink = common.plan_output(output, inp)
-    ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
-    ds = common.dataset_for(ckpt, data, resize) if (data is not None or retrain_cfg is not None or max_drop is not None) else None
-    con = common.console()
-    result = apply_prune(ckpt, cfg, StageContext(data=ds, console=con, seed=common.state.seed,
-                                                 trust_pickle=common.state.trust_pickle))
+    sink, ckpt, ctx = common.stage_input(model, output, arch, arch_kwargs, data, resize,
+                                         needs_data=retrain_cfg is not None or max_drop is not None)
+    result = apply_prune(ckpt, cfg, ctx)
     dest = sink.write(result.checkpoint.to_bytes())
     summary = {"output": dest, **result.metrics}
     common.emit(summary, lambda c: render(c, result.metrics, dest))

@@ -52,14 +52,13 @@ def quantize(
 ):
     from pydantic import ValidationError
 
-    from dcomp.compressors.quantization import QuantizeConfig, apply_quantize, parse_layer_bits
-    from dcomp.stages import StageContext
+    from dcomp.compressors.quantization import QuantizeConfig, apply_quantize
 
     finetune = None
     if finetune_epochs > 0:
         finetune = common.train_config(epochs=finetune_epochs, **train_opts)
     try:
-        cfg = QuantizeConfig(bits=bits, conv_bits=conv_bits, fc_bits=fc_bits, layers=parse_layer_bits(layer or []),
+        cfg = QuantizeConfig(bits=bits, conv_bits=conv_bits, fc_bits=fc_bits, layers=common.layer_values(layer, "BITS", "fc1=4", int),
                              exclude=list(exclude or []), init=init, max_iter=max_iter, requantize=requantize,
                              finetune=finetune, centroid_lr=centroid_lr, float16=float16,
                              mode=mode, threshold=threshold, scale=scale, keep_first_last=keep_first_last,
@@ -67,14 +66,9 @@ def quantize(
     except ValidationError as e:
         raise common.UsageError(_message(e)) from None
 
-    inp = common.read_input(model)
-    sink = common.plan_output(output, inp)
-    ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
-    ds = common.dataset_for(ckpt, data, resize) if (data is not None or finetune is not None) else None
-    con = common.console()
-    ctx = StageContext(data=ds, console=con, seed=common.state.seed, trust_pickle=common.state.trust_pickle)
+    sink, ckpt, ctx = common.stage_input(model, output, arch, arch_kwargs, data, resize, needs_data=finetune is not None)
     label = "centroid fine-tune" if mode == "kmeans" else f"{mode} training"
-    result = apply_quantize(ckpt, cfg, ctx, progress=TrainProgress(con, label) if finetune else None)
+    result = apply_quantize(ckpt, cfg, ctx, progress=TrainProgress(ctx.console, label) if finetune else None)
     out, metrics = result.checkpoint, result.metrics
     dest = sink.write(out.to_bytes())
     common.emit({"output": dest, **metrics}, lambda c: _render(c, metrics, dest))

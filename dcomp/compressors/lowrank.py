@@ -44,20 +44,6 @@ from dcomp.formats.checkpoint import Checkpoint
 from dcomp.stages import StageContext, StageResult
 
 
-def parse_layer_ranks(specs: list[str]) -> dict[str, int]:
-    """``['fc1=64']`` -> ``{'fc1': 64}``."""
-    out: dict[str, int] = {}
-    for spec in specs:
-        pattern, sep, r = spec.rpartition("=")
-        if not sep or not pattern:
-            raise UsageError(f"--layer {spec!r}: expected REGEX=RANK, e.g. --layer 'fc1=64'")
-        try:
-            out[pattern] = int(r)
-        except ValueError:
-            raise UsageError(f"--layer {spec!r}: the rank must be an integer, got {r!r}") from None
-    return out
-
-
 # ---- the linear algebra -----------------------------------------------------------------------------
 
 def _matrix(weight: torch.Tensor, kind: str) -> torch.Tensor:

@@ -36,20 +36,6 @@ from dcomp.stages import StageContext, StageResult
 from dcomp.train import Callback, TrainContext
 
 
-def parse_layer_bits(specs: list[str]) -> dict[str, int]:
-    """``['fc1=4', 'conv.*=8']`` -> ``{'fc1': 4, 'conv.*': 8}`` (the last '=' separates the bits)."""
-    out: dict[str, int] = {}
-    for spec in specs:
-        pattern, sep, bits = spec.rpartition("=")
-        if not sep or not pattern:
-            raise UsageError(f"--layer {spec!r}: expected REGEX=BITS, e.g. --layer 'fc1=4'")
-        try:
-            out[pattern] = int(bits)
-        except ValueError:
-            raise UsageError(f"--layer {spec!r}: bits must be an integer, got {bits!r}") from None
-    return out
-
-
 def index_dtype(bits: int) -> torch.dtype:
     """The assignment dtype for k = 2^bits: uint8 when k <= 256, int16 when k <= 32768, else int32."""
     if bits <= 8:
