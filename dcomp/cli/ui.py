@@ -19,18 +19,21 @@ class TrainProgress:
         self._task = None
         self._epochs = 0
 
+    # the bar's own columns and their starting values (DAFLProgress shows other fields)
+    FIELDS = "loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2f}%"
+    START = {"loss": 0.0, "acc": 0.0}
+
     def start(self, epochs: int, steps_per_epoch: int) -> None:
         self._epochs = epochs
         if self.console.quiet or not self.console.is_terminal:
             return
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2f}%"), TimeElapsedColumn(),
-            console=self.console, transient=True,
+            TextColumn(self.FIELDS), TimeElapsedColumn(), console=self.console, transient=True,
         )
         self._progress.start()
         self._task = self._progress.add_task(f"{self.label} epoch 1/{epochs}", total=epochs * steps_per_epoch,
-                                             loss=0.0, acc=0.0)
+                                             **self.START)
 
     def advance(self, loss: float, acc: float) -> None:
         if self._progress is not None:
@@ -85,19 +88,8 @@ class DAFLProgress(TrainProgress):
         self.dafl = dafl
         self._test = ""
 
-    def start(self, epochs: int, steps_per_epoch: int) -> None:
-        self._epochs = epochs
-        if self.console.quiet or not self.console.is_terminal:
-            return
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("G {task.fields[loss_g]:.3f}  S {task.fields[loss_s]:.4f}  agree {task.fields[acc]:.1f}%"
-                       "{task.fields[test]}"), TimeElapsedColumn(),
-            console=self.console, transient=True,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task(f"{self.label} epoch 1/{epochs}", total=epochs * steps_per_epoch,
-                                             loss_g=0.0, loss_s=0.0, acc=0.0, test="")
+    FIELDS = "G {task.fields[loss_g]:.3f}  S {task.fields[loss_s]:.4f}  agree {task.fields[acc]:.1f}%{task.fields[test]}"
+    START = {"loss_g": 0.0, "loss_s": 0.0, "acc": 0.0, "test": ""}
 
     def advance(self, loss: float, acc: float) -> None:
         if self._progress is not None:
