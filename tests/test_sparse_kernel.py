@@ -82,6 +82,50 @@ def test_linear_chain_equals_the_layers_one_by_one(threads):
         close(chain(x), ref)  # buffers reused: same answer on the second call
 
 
+@pytest.mark.parametrize("threads,levels", [(2, 32), (3, 32), (2, None)])
+def test_threaded_chain_at_batch_1_is_exact_call_after_call(threads, levels):
+    # large layers run as one compiled job on every thread, meeting between layers; a small last
+    # layer is one chunk; calls come back to back (helpers awake) and after pauses (helpers asleep)
+    import time
+
+    rng = np.random.default_rng(7)
+    ws = [sparse_weight(rng, (1024, 1024), 0.8, levels), sparse_weight(rng, (1024, 1024), 0.8, levels),
+          sparse_weight(rng, (10, 1024), 0.5, levels)]  # codebook layers, or all raw float values
+    bs = [rng.standard_normal(w.shape[0]).astype(np.float32) for w in ws]
+    relus = [True, True, False]
+    chain = LinearChain([SparseLinear(w, b, threads=threads) for w, b in zip(ws, bs)], relus)
+    assert chain._prepare(1).__name__ == "call_threads"  # the path under test
+    for call in range(60):
+        if call % 20 == 19:
+            time.sleep(0.005)  # longer than a helper watches for work: it sleeps, then is woken
+        x = rng.standard_normal((1, 1024)).astype(np.float32)
+        ref = x.astype(np.float64)
+        for w, b, r in zip(ws, bs, relus):
+            ref = ref @ w.T.astype(np.float64) + b
+            ref = np.maximum(ref, 0) if r else ref
+        close(chain(x), ref)
+
+
+def test_pool_atomics_count_exactly_across_threads():
+    from dcomp.runtime._atomics import atomic_add, enter_job, leave_job
+    from dcomp.runtime.kernels import chunk_pool
+    from numba import njit
+
+    @njit(nogil=True)
+    def job(counts, ctl):
+        if not enter_job(ctl):
+            return
+        while atomic_add(ctl, 2, 1) < 20000:  # 20,000 tickets shared by every thread
+            atomic_add(counts, 0, 1)
+        leave_job(ctl)
+
+    pool = chunk_pool(2)
+    counts, ctl = np.zeros(1, np.int64), np.zeros(4, np.int64)
+    for _ in range(20):
+        pool.run_compiled(job, (counts, ctl), ctl)
+    assert counts[0] == 20 * 20000 and ctl[1] == 0  # every ticket once; no thread left inside
+
+
 def test_generated_batch_kernels_are_current():
     from pathlib import Path
 

@@ -18,11 +18,15 @@ AVX-512) the kernels are bound by loads per non-zero, not by bytes, once a layer
 the split uint16 + uint8 arrays (3 bytes) cost a fourth load per non-zero and were slower.
 
 Threads: ``ChunkPool`` (below) runs row chunks, balanced by non-zeros, on the calling thread and
-``threads - 1`` helper threads that *sleep* on a condition variable between calls and take chunks
-from a shared counter. Chosen deliberately over numba's ``prange`` (workqueue/omp/tbb layers) and
-torch's OpenMP: those split the rows statically into one piece per thread, so when another process
-holds a core, the call waits a whole scheduler tick (10-20 ms measured) for the descheduled piece.
-Here a helper that is not running takes no chunk and the caller does the work; nothing spins. The
+``threads - 1`` helper threads that take chunks from a shared counter. Chosen deliberately over
+numba's ``prange`` (workqueue/omp/tbb layers) and torch's OpenMP: those split the rows statically
+into one piece per thread, so when another process holds a core, the call waits a whole scheduler
+tick (10-20 ms measured) for the descheduled piece. Here a helper that is not running takes no
+chunk and the caller does the work. At batch 1 a chain of Linear layers is one compiled job run
+by every thread at once: chunks are handed out and layers separated by atomics (``_atomics``)
+inside the compiled code, so no thread goes back to Python between layers. Between jobs a helper
+watches for the next one for ~0.5 ms (pausing, yielding its core every ~10 us), then sleeps on a
+condition variable. Waiting always yields: nothing spins a core away from another process. The
 kernels release the GIL (``nogil``).
 
 No per-call allocation: each layer keeps its output (and, for batches > 1 or padded convolutions,
@@ -48,6 +52,8 @@ try:
     from numba import njit
     from numba.core import types as _nbtypes
     from numba.extending import overload
+
+    from dcomp.runtime._atomics import atomic_add, enter_job, leave_job, wait_at_least
 except ImportError:  # numba is a dependency; without it only the torch kernel of the hybrid path works
     njit = None
 
@@ -64,7 +70,7 @@ def numba_kernels() -> dict[str, Any]:
     from dcomp.runtime import _mm_kernels
 
     return {"lin_mv": _lin_mv, **{f"mm_w{w}u{u}": getattr(_mm_kernels, f"mm_w{w}u{u}") for w, u in MM_SHAPES}, "conv": _conv, "conv_wide": _conv_wide, "maxpool": _maxpool,
-            "transpose": _transpose, "chain_mv": _chain_mv}
+            "transpose": _transpose, "chain_mv": _chain_mv, "chain_mv_threads": _chain_mv_threads}
 
 
 def _pval(pk, cb, k, p):
@@ -234,6 +240,25 @@ if njit is not None:
         for l in range(len(pks)):
             _lin_mv(prows[l], pks[l], cbs[l], biases[l], bufs[l], bufs[l + 1], 0, prows[l].shape[0] - 1,
                     relus[l] != 0)
+
+    @njit(**_SCALAR)
+    def _chain_mv_threads(prows, pks, cbs, biases, bufs, relus, bounds, ctl):
+        # _chain_mv on every thread of a pool at once (ChunkPool.run_compiled): layer l's row chunks
+        # (bounds[l]) are taken from counter ctl[2 + 2l]; ctl[3 + 2l] counts the chunks done, and
+        # nobody starts layer l + 1 before all of layer l is written (its input)
+        if not enter_job(ctl):
+            return
+        for l in range(len(pks)):
+            b = bounds[l]
+            n = b.shape[0] - 1
+            while True:
+                i = atomic_add(ctl, 2 + 2 * l, 1)
+                if i >= n:
+                    break
+                _lin_mv(prows[l], pks[l], cbs[l], biases[l], bufs[l], bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
+                atomic_add(ctl, 3 + 2 * l, 1)
+            wait_at_least(ctl, 3 + 2 * l, n)
+        leave_job(ctl)
 
     @njit(**_OPTS)
     def _transpose(a, b, rows, cols):
@@ -425,26 +450,57 @@ def row_chunks(rowptr: np.ndarray, n: int) -> list[tuple[int, int]]:
 
 
 class ChunkPool:
-    """Run ``fn(r0, r1)`` over a list of row chunks with ``threads`` threads: the caller and
-    ``threads - 1`` helpers sleeping on a condition variable take chunks from a shared counter
-    until none is left. A helper that is descheduled simply takes no chunk (see the module doc)."""
+    """Run work on the calling thread and ``threads - 1`` helpers. Two kinds of job:
+
+    * ``run(fn, chunks)``: ``fn(r0, r1)`` over a list of row chunks taken from a shared counter
+      (Python calls, one per chunk; used for the batch kernels and convolutions, ms per call).
+    * ``run_compiled(ep, args, ctl)``: the compiled entry point ``ep(*args)`` on every thread at
+      once; the threads share out its chunks and meet between layers inside the compiled code
+      through the atomics of ``ctl`` (``_atomics``; ``LinearChain`` at batch 1).
+
+    An idle helper first watches for the next job for ``SPIN_TURNS`` pauses (about 0.5 ms,
+    yielding its core every few microseconds), then sleeps on a condition variable: calls that
+    come back to back (a model's layers, a serving loop) find it awake instead of paying a
+    50-100 us wake-up each, and a helper that is descheduled simply takes no chunk (see the
+    module doc): nobody ever waits for a thread that has not taken work."""
+
+    SPIN_TURNS = 1 << 14
 
     def __init__(self, threads: int):
         self.threads = max(1, int(threads))
         self._cv = threading.Condition()
-        self._gen = 0
-        self._job: dict | None = None
+        self._signal = np.zeros(8, np.int64)  # [0]: jobs posted so far (compiled code reads it)
+        self._job = None
+        self._sleepers = 0
         for _ in range(self.threads - 1):
             threading.Thread(target=self._helper, daemon=True, name="dcomp-sparse").start()
 
     def _helper(self):
+        from dcomp.runtime._atomics import wait_change
+
         seen = 0
         while True:
+            posted = wait_change(self._signal, 0, seen, self.SPIN_TURNS)  # nogil: spins, then gives up
+            if posted == seen:
+                with self._cv:
+                    self._sleepers += 1
+                    while self._signal[0] == seen:
+                        self._cv.wait()
+                    self._sleepers -= 1
+                continue
+            seen = posted
+            job = self._job
+            if job is not None:
+                job()
+
+    def _post(self, job) -> None:
+        from dcomp.runtime._atomics import bump
+
+        self._job = job
+        bump(self._signal, 0)
+        if self._sleepers:  # a helper that checks after the bump sees it; one that checked before is counted
             with self._cv:
-                while self._gen == seen:
-                    self._cv.wait()
-                seen, job = self._gen, self._job
-            self._work(job)
+                self._cv.notify_all()
 
     def _work(self, job):
         chunks, fn, lock = job["chunks"], job["fn"], job["lock"]
@@ -472,14 +528,25 @@ class ChunkPool:
             return
         job = {"fn": fn, "chunks": chunks, "next": 0, "done": 0, "lock": threading.Lock(),
                "finished": threading.Event()}
-        with self._cv:
-            self._job = job
-            self._gen += 1
-            self._cv.notify_all()
+        self._post(lambda: self._work(job))
         self._work(job)
         job["finished"].wait()
         if job.get("error") is not None:
             raise job["error"]
+
+    def run_compiled(self, ep, args: tuple, ctl: np.ndarray) -> None:
+        """``ep(*args)`` on every thread; ``ctl`` (int64, one of ``args``) is the job's control
+        block: [0] open, [1] threads inside, then two counters per phase that ``ep`` uses. ``ep``
+        must start with ``enter_job(ctl)`` and end with ``leave_job(ctl)``; this returns once
+        every thread that entered has left (``close_job``), so the next call may reuse ``ctl``."""
+        from dcomp.runtime._atomics import close_job
+
+        ctl[2:] = 0
+        ctl[0] = 1  # open; a helper reads ctl only after the post's atomic bump, which orders these stores
+        if self.threads > 1:
+            self._post(lambda: ep(*args))
+        ep(*args)
+        close_job(ctl)
 
 
 _pools: dict[int, ChunkPool] = {}
@@ -644,28 +711,45 @@ class LinearChain:
             fn = self._prepared[batch] = self._prepare(batch)
         return fn(x)
 
+    @staticmethod
+    def _row_bounds(layer, threads: int) -> np.ndarray:
+        """Row-chunk boundaries of one layer for ``chain_mv_threads``: one chunk when the layer is
+        too small to share, else up to 16 per thread of >= 16k non-zeros each (taking a chunk is
+        one atomic add, so many small chunks cost nothing and keep a slow thread's share small)."""
+        n = 1 if layer.work_per_sample < PARALLEL_MIN_WORK else int(min(16 * threads, layer.work_per_sample // 16384))
+        chunks = row_chunks(layer.w.rowptr, max(n, 1))
+        return np.array([0] + [b for _, b in chunks] if chunks else [0, 0], np.int64)
+
     def _prepare(self, batch: int):
         if batch == 1:  # vectors; the input is copied into a staging vector (16 KiB: ~1 us)
             xin = np.zeros(self.in_features, np.float32)
             bufs = [np.empty(layer.out_features, np.float32) for layer in self.layers]
-            srcs = [xin] + bufs[:-1]
-            serial = all(layer.pool.threads == 1 or layer.work_per_sample < PARALLEL_MIN_WORK or len(layer.chunks) < 2
-                         for layer in self.layers)
-            if serial and len(self.layers) > 1 and len({layer.w.pk.dtype for layer in self.layers}) == 1:
-                # small layers (LeNet-sized): the whole run in one compiled call, no Python between
+            out = bufs[-1].reshape(1, -1)
+            if len({layer.w.pk.dtype for layer in self.layers}) == 1:
+                # the whole run in one compiled call, no Python between the layers
                 args = (tuple(layer.w.rowptr for layer in self.layers), tuple(layer.w.pk for layer in self.layers),
                         tuple(layer.w.cb for layer in self.layers), tuple(layer.bias for layer in self.layers),
                         (xin, *bufs), np.array(self.relus, np.uint8))
+                pool = self.layers[0].pool
+                if pool.threads > 1 and any(layer.work_per_sample >= PARALLEL_MIN_WORK for layer in self.layers):
+                    args = (*args, tuple(self._row_bounds(layer, pool.threads) for layer in self.layers),
+                            np.zeros(2 + 2 * len(self.layers), np.int64))
+                    ep = _compiled(numba_kernels()["chain_mv_threads"], args)
+
+                    def call_threads(x):
+                        np.copyto(xin, x.reshape(-1))
+                        pool.run_compiled(ep, args, args[-1])
+                        return out
+                    return call_threads
                 ep = _compiled(numba_kernels()["chain_mv"], args)
-                out = bufs[-1].reshape(1, -1)
 
                 def call_fused(x):
                     np.copyto(xin, x.reshape(-1))
                     ep(*args)
                     return out
                 return call_fused
+            srcs = [xin] + bufs[:-1]
             steps = [layer.step(1, 1, srcs[i], bufs[i], self.relus[i]) for i, layer in enumerate(self.layers)]
-            out = bufs[-1].reshape(1, -1)
 
             def call(x):
                 np.copyto(xin, x.reshape(-1))
