@@ -281,3 +281,19 @@ stages:
     stages = json.loads(r.stdout)["stages"]
     assert stages[0]["resumed"] and not stages[1]["resumed"]
     assert stages[1]["metrics"]["budget"]["sweep"] == "given"
+
+
+def test_model_digest_of_a_batchnorm_model_names_a_change():
+    # BatchNorm's num_batches_tracked is a 0-dim tensor: the digest must hash it, not fail on it
+    from dcomp.compressors.sensitivity import model_digest
+    from dcomp.formats.checkpoint import Checkpoint
+    from dcomp.models import build_zoo
+
+    model = build_zoo("vgg-small", input_shape=(1, 8, 8), num_classes=10)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(t.dim() == 0 for t in sd.values())
+    a = Checkpoint(arch={"kind": "zoo", "name": "vgg-small", "kwargs": {}}, state_dict=sd, input_shape=(1, 8, 8), num_classes=10)
+    before = model_digest(a)
+    assert model_digest(a) == before  # deterministic
+    sd[next(k for k, t in sd.items() if t.dim() == 0)] += 1
+    assert model_digest(a) != before  # the 0-dim tensor counts

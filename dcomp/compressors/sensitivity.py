@@ -59,7 +59,8 @@ def model_digest(ckpt: Checkpoint) -> str:
         for k in sorted(group):
             t = group[k].detach().contiguous().cpu()
             h.update(k.encode() + str(t.dtype).encode() + str(list(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # flattened first: a 0-dim tensor (BatchNorm's num_batches_tracked) has no byte view
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     if isinstance(ckpt.arch, dict):
         for v in ckpt.arch.values():
             if isinstance(v, (bytes, bytearray)):

@@ -15,6 +15,7 @@ from dcomp.compressors.metaprune.budget import OPTION, Window, fmt_value, parse_
 from dcomp.config.search import SearchConfig
 from dcomp.compressors.metaprune.evolution import EvoSettings, Evolution
 from dcomp.compressors.metaprune.space import Cost, SearchSpace, build_space
+from dcomp.compressors.sensitivity import model_digest
 from dcomp.errors import UsageError
 from dcomp.formats.checkpoint import Checkpoint
 from dcomp.stages import StageContext, StageResult
@@ -29,19 +30,9 @@ def run_key(ckpt: Checkpoint, cfg: SearchConfig, data_spec: str, seed: int) -> s
     (not the budget: one PruningNet and its scores serve every budget)."""
     fields = cfg.model_dump(include={"grid", "hidden", "pruningnet_init", "train", "recal_samples", "val_fraction",
                                      "val_samples", "exclude"})
-    blob = json.dumps({"model": _digest(ckpt), "data": data_spec, "seed": seed, "cfg": fields}, sort_keys=True,
+    blob = json.dumps({"model": model_digest(ckpt), "data": data_spec, "seed": seed, "cfg": fields}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _digest(ckpt: Checkpoint) -> str:
-    h = hashlib.sha256(json.dumps([{k: v for k, v in ckpt.arch.items() if not isinstance(v, (bytes, bytearray))},
-                                   ckpt.input_shape, ckpt.num_classes], sort_keys=True, default=str).encode())
-    for k in sorted(ckpt.state_dict):
-        t = ckpt.state_dict[k].detach().contiguous().cpu().reshape(-1)
-        h.update(f"{k}{t.dtype}{list(ckpt.state_dict[k].shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 class Latency:
