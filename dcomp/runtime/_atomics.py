@@ -131,8 +131,9 @@ def bump(ctl, i):
 
 @njit(**_OPTS)
 def close_job(ctl):
-    """End a compiled job (see ``kernels.CompiledJob``): mark it closed (``ctl[0] = 0``), so a
-    helper that arrives late leaves at once, then wait until no thread is inside (``ctl[1] == 0``)."""
+    """End a compiled job (``kernels.ChunkPool.run_compiled``): mark it closed (``ctl[0] = 0``),
+    so a helper that arrives late leaves at once, wait until no thread is inside (``ctl[1] ==
+    0``), then zero the job's counters (``ctl[2:]``) for its next call."""
     atomic_store(ctl, 0, 0)
     k = 0
     while atomic_load(ctl, 1) != 0:
@@ -140,16 +141,26 @@ def close_job(ctl):
         k += 1
         if k % YIELD_EVERY == 0:
             sched_yield()
+    for i in range(2, ctl.shape[0]):
+        atomic_store(ctl, i, 0)
 
 
 @njit(**_OPTS)
-def enter_job(ctl):
+def enter_job(ctl, signal):
     """A thread joins a compiled job: True if it is still open (the thread must call
-    ``leave_job`` when done), False if it is over (nothing to do)."""
+    ``leave_job`` when done), False if it is over (nothing to do). The first thread in is the
+    caller (``ctl[0] == 1``): it announces the job to the pool's helpers (``signal[0] += 1``)
+    from here, where it no longer holds the GIL, so a helper that sees the signal takes the GIL
+    at once instead of sleeping on it until the caller lets go (tens of microseconds). An empty
+    ``signal`` announces nothing (a job for the caller alone)."""
     atomic_add(ctl, 1, 1)
-    if atomic_load(ctl, 0) == 0:
+    state = atomic_load(ctl, 0)
+    if state == 0:
         atomic_add(ctl, 1, -1)
         return False
+    if state == 1 and signal.shape[0] > 0:
+        atomic_store(ctl, 0, 2)
+        atomic_add(signal, 0, 1)
     return True
 
 

@@ -5,11 +5,18 @@ is current). Batch kernels of the sparse Linear layer, in the transposed activat
     yf  (out * nb,) the output in the same layout (the next layer's input)
 
 nb is the batch padded to a multiple of the lanes; rows of the packed layout (kernels.py) are
-padded to a multiple of 8 entries, so no remainder loop."""
+padded to a multiple of 8 entries, so no remainder loop.
+
+Then one chain driver per kernel (chain_lin_mv, chain_mm_*): consecutive layers in one call, on
+the calling thread alone (an empty signal), or as one job run by every thread of a ChunkPool at
+once (ChunkPool.run_compiled). Layer l's row chunks (bounds[l])
+are taken from counter ctl[2 + 2l]; ctl[3 + 2l] counts the chunks done, and nobody starts layer
+l + 1 before all of layer l, its input, is written."""
 
 import numpy as np
 
-from dcomp.runtime.kernels import _SCALAR, _pcol, _pval, njit
+from dcomp.runtime._atomics import atomic_add, enter_job, leave_job, wait_at_least
+from dcomp.runtime.kernels import _SCALAR, _lin_mv, _pcol, _pval, njit
 
 
 @njit(**_SCALAR)
@@ -735,3 +742,118 @@ def mm_w64u1(prow, pk, cb, bias, xf, nb, yf, r0, r1, relu):
             yf[o + np.uint32(62)] = max(t62, z) if relu else t62
             t63 = bi + (s0_63)
             yf[o + np.uint32(63)] = max(t63, z) if relu else t63
+
+
+@njit(**_SCALAR)
+def chain_lin_mv(prows, pks, cbs, biases, bufs, relus, bounds, ctl, signal):
+    if signal.shape[0] == 0:  # the caller alone: every chunk in order, no job to enter
+        for l in range(len(pks)):
+            b = bounds[l]
+            for i in range(b.shape[0] - 1):
+                _lin_mv(prows[l], pks[l], cbs[l], biases[l], bufs[l], bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
+        return
+    if not enter_job(ctl, signal):
+        return
+    for l in range(len(pks)):
+        b = bounds[l]
+        n = b.shape[0] - 1
+        while True:
+            i = atomic_add(ctl, 2 + 2 * l, 1)
+            if i >= n:
+                break
+            _lin_mv(prows[l], pks[l], cbs[l], biases[l], bufs[l], bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
+            atomic_add(ctl, 3 + 2 * l, 1)
+        wait_at_least(ctl, 3 + 2 * l, n)
+    leave_job(ctl)
+
+
+@njit(**_SCALAR)
+def chain_mm_w8u4(prows, pks, cbs, biases, bufs, nb, relus, bounds, ctl, signal):
+    if signal.shape[0] == 0:  # the caller alone: every chunk in order, no job to enter
+        for l in range(len(pks)):
+            b = bounds[l]
+            for i in range(b.shape[0] - 1):
+                mm_w8u4(prows[l], pks[l], cbs[l], biases[l], bufs[l], nb, bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
+        return
+    if not enter_job(ctl, signal):
+        return
+    for l in range(len(pks)):
+        b = bounds[l]
+        n = b.shape[0] - 1
+        while True:
+            i = atomic_add(ctl, 2 + 2 * l, 1)
+            if i >= n:
+                break
+            mm_w8u4(prows[l], pks[l], cbs[l], biases[l], bufs[l], nb, bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
+            atomic_add(ctl, 3 + 2 * l, 1)
+        wait_at_least(ctl, 3 + 2 * l, n)
+    leave_job(ctl)
+
+
+@njit(**_SCALAR)
+def chain_mm_w16u2(prows, pks, cbs, biases, bufs, nb, relus, bounds, ctl, signal):
+    if signal.shape[0] == 0:  # the caller alone: every chunk in order, no job to enter
+        for l in range(len(pks)):
+            b = bounds[l]
+            for i in range(b.shape[0] - 1):
+                mm_w16u2(prows[l], pks[l], cbs[l], biases[l], bufs[l], nb, bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
+        return
+    if not enter_job(ctl, signal):
+        return
+    for l in range(len(pks)):
+        b = bounds[l]
+        n = b.shape[0] - 1
+        while True:
+            i = atomic_add(ctl, 2 + 2 * l, 1)
+            if i >= n:
+                break
+            mm_w16u2(prows[l], pks[l], cbs[l], biases[l], bufs[l], nb, bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
+            atomic_add(ctl, 3 + 2 * l, 1)
+        wait_at_least(ctl, 3 + 2 * l, n)
+    leave_job(ctl)
+
+
+@njit(**_SCALAR)
+def chain_mm_w32u2(prows, pks, cbs, biases, bufs, nb, relus, bounds, ctl, signal):
+    if signal.shape[0] == 0:  # the caller alone: every chunk in order, no job to enter
+        for l in range(len(pks)):
+            b = bounds[l]
+            for i in range(b.shape[0] - 1):
+                mm_w32u2(prows[l], pks[l], cbs[l], biases[l], bufs[l], nb, bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
+        return
+    if not enter_job(ctl, signal):
+        return
+    for l in range(len(pks)):
+        b = bounds[l]
+        n = b.shape[0] - 1
+        while True:
+            i = atomic_add(ctl, 2 + 2 * l, 1)
+            if i >= n:
+                break
+            mm_w32u2(prows[l], pks[l], cbs[l], biases[l], bufs[l], nb, bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
+            atomic_add(ctl, 3 + 2 * l, 1)
+        wait_at_least(ctl, 3 + 2 * l, n)
+    leave_job(ctl)
+
+
+@njit(**_SCALAR)
+def chain_mm_w64u1(prows, pks, cbs, biases, bufs, nb, relus, bounds, ctl, signal):
+    if signal.shape[0] == 0:  # the caller alone: every chunk in order, no job to enter
+        for l in range(len(pks)):
+            b = bounds[l]
+            for i in range(b.shape[0] - 1):
+                mm_w64u1(prows[l], pks[l], cbs[l], biases[l], bufs[l], nb, bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
+        return
+    if not enter_job(ctl, signal):
+        return
+    for l in range(len(pks)):
+        b = bounds[l]
+        n = b.shape[0] - 1
+        while True:
+            i = atomic_add(ctl, 2 + 2 * l, 1)
+            if i >= n:
+                break
+            mm_w64u1(prows[l], pks[l], cbs[l], biases[l], bufs[l], nb, bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
+            atomic_add(ctl, 3 + 2 * l, 1)
+        wait_at_least(ctl, 3 + 2 * l, n)
+    leave_job(ctl)

@@ -17,20 +17,20 @@ layer at 95% zeros, against 64 MiB dense), read with one load. Measured on this 
 AVX-512) the kernels are bound by loads per non-zero, not by bytes, once a layer sits in L2/L3:
 the split uint16 + uint8 arrays (3 bytes) cost a fourth load per non-zero and were slower.
 
-Threads: ``ChunkPool`` (below) runs row chunks, balanced by non-zeros, on the calling thread and
-``threads - 1`` helper threads that take chunks from a shared counter. Chosen deliberately over
-numba's ``prange`` (workqueue/omp/tbb layers) and torch's OpenMP: those split the rows statically
-into one piece per thread, so when another process holds a core, the call waits a whole scheduler
-tick (10-20 ms measured) for the descheduled piece. Here a helper that is not running takes no
-chunk and the caller does the work. At batch 1 a chain of Linear layers is one compiled job run
-by every thread at once: chunks are handed out and layers separated by atomics (``_atomics``)
-inside the compiled code, so no thread goes back to Python between layers. Between jobs a helper
-watches for the next one for ~0.5 ms (pausing, yielding its core every ~10 us), then sleeps on a
-condition variable. Waiting always yields: nothing spins a core away from another process. The
-kernels release the GIL (``nogil``).
+Threads: every call big enough to share (``row_bounds``) is one compiled *job* that the calling
+thread and ``threads - 1`` helpers (``ChunkPool``) run at once: row chunks, balanced by
+non-zeros, are taken from an atomic counter, and a chain of Linear layers meets at a barrier
+between layers, all inside the compiled code (``_atomics``: LLVM atomics as numba intrinsics), so
+no thread goes back to Python (or waits for the GIL) between chunks or layers. Chosen deliberately
+over numba's ``prange`` (workqueue/omp/tbb layers) and torch's OpenMP: those split the rows
+statically into one piece per thread, so when another process holds a core, the call waits a whole
+scheduler tick (10-20 ms measured) for the descheduled piece. Here a helper that is not running
+takes no chunk and the caller does the work. Between jobs a helper watches for the next one for
+~0.5 ms (pausing, yielding its core every ~10 us), then sleeps on a condition variable. Waiting
+always yields: nothing spins a core away from another process. The kernels release the GIL.
 
-No per-call allocation: each layer keeps its output (and, for batches > 1 or padded convolutions,
-input staging) buffers per batch size, made on the first call with that batch size. The array a
+No per-call allocation: each layer keeps its output (and, for batches > 1 or convolutions, input
+staging) buffers per batch size, made on the first call with that batch size. The array a
 layer returns is that buffer: it is overwritten by the layer's next call with the same batch size.
 """
 
@@ -69,8 +69,10 @@ def numba_kernels() -> dict[str, Any]:
         raise UsageError("the compiled sparse kernel needs the numba package (pip install numba)")
     from dcomp.runtime import _mm_kernels
 
-    return {"lin_mv": _lin_mv, **{f"mm_w{w}u{u}": getattr(_mm_kernels, f"mm_w{w}u{u}") for w, u in MM_SHAPES}, "conv": _conv, "conv_wide": _conv_wide, "maxpool": _maxpool,
-            "transpose": _transpose, "chain_mv": _chain_mv, "chain_mv_threads": _chain_mv_threads}
+    return {"lin_mv": _lin_mv, **{f"mm_w{w}u{u}": getattr(_mm_kernels, f"mm_w{w}u{u}") for w, u in MM_SHAPES},
+            **{f"chain_{k}": getattr(_mm_kernels, f"chain_{k}") for k in ("lin_mv", *(f"mm_w{w}u{u}" for w, u in MM_SHAPES))},
+            "conv": _conv, "conv_wide": _conv_wide, "conv_job": _conv_job, "conv_wide_job": _conv_wide_job,
+            "maxpool": _maxpool, "transpose": _transpose}
 
 
 def _pval(pk, cb, k, p):
@@ -233,31 +235,29 @@ if njit is not None:
                                     m = max(m, acc[base + dy * wp + dx])
                             out[py * pw_ + px] = max(m, z) if relu else m
 
-    @njit(**_SCALAR)
-    def _chain_mv(prows, pks, cbs, biases, bufs, relus):
-        # a run of small Linear layers at batch 1 in one compiled call: layer l reads bufs[l] and
-        # writes bufs[l + 1] (tuples of same-typed arrays; relus: uint8 per layer)
-        for l in range(len(pks)):
-            _lin_mv(prows[l], pks[l], cbs[l], biases[l], bufs[l], bufs[l + 1], 0, prows[l].shape[0] - 1,
-                    relus[l] != 0)
-
-    @njit(**_SCALAR)
-    def _chain_mv_threads(prows, pks, cbs, biases, bufs, relus, bounds, ctl):
-        # _chain_mv on every thread of a pool at once (ChunkPool.run_compiled): layer l's row chunks
-        # (bounds[l]) are taken from counter ctl[2 + 2l]; ctl[3 + 2l] counts the chunks done, and
-        # nobody starts layer l + 1 before all of layer l is written (its input)
-        if not enter_job(ctl):
+    @njit(**_OPTS)
+    def _conv_job(rowptr, offs, codes, codebook, bias, xp, y, oh, ow, wp, stride, relu, bounds, ctl, signal):
+        # _conv on every thread of a pool at once (ChunkPool.run_compiled): the output channels'
+        # chunks (bounds) are taken from counter ctl[2]
+        if not enter_job(ctl, signal):
             return
-        for l in range(len(pks)):
-            b = bounds[l]
-            n = b.shape[0] - 1
-            while True:
-                i = atomic_add(ctl, 2 + 2 * l, 1)
-                if i >= n:
-                    break
-                _lin_mv(prows[l], pks[l], cbs[l], biases[l], bufs[l], bufs[l + 1], b[i], b[i + 1], relus[l] != 0)
-                atomic_add(ctl, 3 + 2 * l, 1)
-            wait_at_least(ctl, 3 + 2 * l, n)
+        while True:
+            i = atomic_add(ctl, 2, 1)
+            if i >= bounds.shape[0] - 1:
+                break
+            _conv(rowptr, offs, codes, codebook, bias, xp, y, oh, ow, wp, stride, bounds[i], bounds[i + 1], relu)
+        leave_job(ctl)
+
+    @njit(**_OPTS)
+    def _conv_wide_job(rowptr, offs, codes, codebook, bias, xp, wide, y, oh, ow, wp, pool, relu, bounds, ctl, signal):
+        # _conv_wide on every thread of a pool at once, as _conv_job
+        if not enter_job(ctl, signal):
+            return
+        while True:
+            i = atomic_add(ctl, 2, 1)
+            if i >= bounds.shape[0] - 1:
+                break
+            _conv_wide(rowptr, offs, codes, codebook, bias, xp, wide, y, oh, ow, wp, pool, bounds[i], bounds[i + 1], relu)
         leave_job(ctl)
 
     @njit(**_OPTS)
@@ -309,9 +309,16 @@ def mm_source() -> str:
            '    yf  (out * nb,) the output in the same layout (the next layer\'s input)',
            '',
            'nb is the batch padded to a multiple of the lanes; rows of the packed layout (kernels.py) are',
-           'padded to a multiple of 8 entries, so no remainder loop."""',
+           'padded to a multiple of 8 entries, so no remainder loop.',
+           '',
+           'Then one chain driver per kernel (chain_lin_mv, chain_mm_*): consecutive layers in one call, on',
+           'the calling thread alone (an empty signal), or as one job run by every thread of a ChunkPool at',
+           'once (ChunkPool.run_compiled). Layer l\'s row chunks (bounds[l])',
+           'are taken from counter ctl[2 + 2l]; ctl[3 + 2l] counts the chunks done, and nobody starts layer',
+           'l + 1 before all of layer l, its input, is written."""',
            '', 'import numpy as np', '',
-           'from dcomp.runtime.kernels import _SCALAR, _pcol, _pval, njit', '']
+           'from dcomp.runtime._atomics import atomic_add, enter_job, leave_job, wait_at_least',
+           'from dcomp.runtime.kernels import _SCALAR, _lin_mv, _pcol, _pval, njit', '']
     for w, u in MM_SHAPES:
         L = ['', '@njit(**_SCALAR)', f'def mm_w{w}u{u}(prow, pk, cb, bias, xf, nb, yf, r0, r1, relu):',
              '    NB = np.uint32(nb)', '    z = np.float32(0.0)', '    for i in range(r0, r1):',
@@ -333,6 +340,19 @@ def mm_source() -> str:
             L += [f'            t{j} = bi + (' + ' + '.join(f's{a}_{j}' for a in range(u)) + ')',
                   f'            yf[o + np.uint32({j})] = max(t{j}, z) if relu else t{j}']
         out += L
+    for name, nb in [("lin_mv", ""), *((f"mm_w{w}u{u}", "nb, ") for w, u in MM_SHAPES)]:
+        kern = "_lin_mv" if name == "lin_mv" else name
+        call = (f"{kern}(prows[l], pks[l], cbs[l], biases[l], bufs[l], {nb}bufs[l + 1], b[i], b[i + 1], "
+                "relus[l] != 0)")
+        out += ['', '', '@njit(**_SCALAR)', f'def chain_{name}(prows, pks, cbs, biases, bufs, {nb}relus, bounds, ctl, signal):',
+                '    if signal.shape[0] == 0:  # the caller alone: every chunk in order, no job to enter',
+                '        for l in range(len(pks)):', '            b = bounds[l]', '            for i in range(b.shape[0] - 1):',
+                f'                {call}', '        return',
+                '    if not enter_job(ctl, signal):', '        return', '    for l in range(len(pks)):', '        b = bounds[l]',
+                '        n = b.shape[0] - 1', '        while True:', '            i = atomic_add(ctl, 2 + 2 * l, 1)',
+                '            if i >= n:', '                break', f'            {call}',
+                '            atomic_add(ctl, 3 + 2 * l, 1)', '        wait_at_least(ctl, 3 + 2 * l, n)',
+                '    leave_job(ctl)']
     return "\n".join(out) + "\n"
 
 
@@ -449,27 +469,37 @@ def row_chunks(rowptr: np.ndarray, n: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-class ChunkPool:
-    """Run work on the calling thread and ``threads - 1`` helpers. Two kinds of job:
+def row_bounds(rowptr: np.ndarray, work: int, threads: int) -> np.ndarray:
+    """Row-chunk boundaries (int64, ``[0, ..., rows]``) of one call of a layer doing ``work``
+    multiply-adds: one chunk when the call is too small to share (or ``threads`` is 1), else up
+    to 16 per thread of >= 16k multiply-adds each. Taking a chunk is one atomic add, so many
+    small chunks cost nothing and keep the share of a thread that is descheduled mid-chunk small."""
+    n = 1 if threads <= 1 or work < PARALLEL_MIN_WORK else int(max(1, min(16 * threads, work // 16384)))
+    chunks = row_chunks(rowptr, n)
+    return np.array([0] + [b for _, b in chunks] if chunks else [0, 0], np.int64)
 
-    * ``run(fn, chunks)``: ``fn(r0, r1)`` over a list of row chunks taken from a shared counter
-      (Python calls, one per chunk; used for the batch kernels and convolutions, ms per call).
-    * ``run_compiled(ep, args, ctl)``: the compiled entry point ``ep(*args)`` on every thread at
-      once; the threads share out its chunks and meet between layers inside the compiled code
-      through the atomics of ``ctl`` (``_atomics``; ``LinearChain`` at batch 1).
+
+class ChunkPool:
+    """Runs compiled jobs on the calling thread and ``threads - 1`` helper threads:
+    ``run_compiled(ep, args, ctl)`` calls the compiled entry point ``ep(*args)`` on every thread
+    at once, and the threads share out its row chunks (and meet between layers) inside the
+    compiled code through the atomic counters of ``ctl`` (``_atomics``). A helper that is not
+    running takes no chunk, so nobody waits for a thread that has not taken work.
 
     An idle helper first watches for the next job for ``SPIN_TURNS`` pauses (about 0.5 ms,
-    yielding its core every few microseconds), then sleeps on a condition variable: calls that
-    come back to back (a model's layers, a serving loop) find it awake instead of paying a
-    50-100 us wake-up each, and a helper that is descheduled simply takes no chunk (see the
-    module doc): nobody ever waits for a thread that has not taken work."""
+    yielding its core every ~10 us), then sleeps on a condition variable: calls that come back to
+    back (a model's layers, a serving loop) find it awake instead of paying a 50-100 us wake-up."""
 
     SPIN_TURNS = 1 << 14
 
     def __init__(self, threads: int):
+        from dcomp.runtime._atomics import bump, close_job
+
         self.threads = max(1, int(threads))
         self._cv = threading.Condition()
         self._signal = np.zeros(8, np.int64)  # [0]: jobs posted so far (compiled code reads it)
+        self._bump = _compiled(bump, (np.zeros(2, np.int64), 0))
+        self._close = _compiled(close_job, (np.zeros(2, np.int64),))
         self._job = None
         self._sleepers = 0
         for _ in range(self.threads - 1):
@@ -493,62 +523,29 @@ class ChunkPool:
             if job is not None:
                 job()
 
-    def _post(self, job) -> None:
-        from dcomp.runtime._atomics import bump
+    def signal_for(self, shared: bool) -> np.ndarray:
+        """The ``signal`` argument of a job: the pool's, or an empty one for a job the caller runs alone."""
+        return self._signal if shared and self.threads > 1 else _NO_SIGNAL
 
-        self._job = job
-        bump(self._signal, 0)
-        if self._sleepers:  # a helper that checks after the bump sees it; one that checked before is counted
-            with self._cv:
-                self._cv.notify_all()
-
-    def _work(self, job):
-        chunks, fn, lock = job["chunks"], job["fn"], job["lock"]
-        while True:
-            with lock:
-                i = job["next"]
-                if i >= len(chunks):
-                    return
-                job["next"] = i + 1
-            try:
-                fn(*chunks[i])
-            except BaseException as e:  # noqa: BLE001 - handed to the caller, never lost in a helper
-                job["error"] = e
-            finally:
-                with lock:
-                    job["done"] += 1
-                    last = job["done"] == len(chunks)
-                if last:
-                    job["finished"].set()
-
-    def run(self, fn, chunks: list[tuple[int, int]]) -> None:
-        if self.threads == 1 or len(chunks) <= 1:
-            for c in chunks:
-                fn(*c)
-            return
-        job = {"fn": fn, "chunks": chunks, "next": 0, "done": 0, "lock": threading.Lock(),
-               "finished": threading.Event()}
-        self._post(lambda: self._work(job))
-        self._work(job)
-        job["finished"].wait()
-        if job.get("error") is not None:
-            raise job["error"]
-
-    def run_compiled(self, ep, args: tuple, ctl: np.ndarray) -> None:
-        """``ep(*args)`` on every thread; ``ctl`` (int64, one of ``args``) is the job's control
-        block: [0] open, [1] threads inside, then two counters per phase that ``ep`` uses. ``ep``
-        must start with ``enter_job(ctl)`` and end with ``leave_job(ctl)``; this returns once
-        every thread that entered has left (``close_job``), so the next call may reuse ``ctl``."""
-        from dcomp.runtime._atomics import close_job
-
-        ctl[2:] = 0
-        ctl[0] = 1  # open; a helper reads ctl only after the post's atomic bump, which orders these stores
-        if self.threads > 1:
-            self._post(lambda: ep(*args))
+    def run_compiled(self, ep, args: tuple, ctl: np.ndarray, job=None) -> None:
+        """``ep(*args)`` on the calling thread and, with ``job`` (the helpers' call of it,
+        ``lambda: ep(*args)``, made once), on the helpers too. ``args`` end with ``ctl`` (int64:
+        [0] state, 0 closed / 1 open / 2 announced, [1] threads inside, then two counters per
+        phase) and ``signal`` (``signal_for``). ``ep`` starts with ``enter_job(ctl, signal)``,
+        which announces the job to the helpers, and ends with ``leave_job(ctl)``; this returns
+        once every thread that entered has left and the counters are zero again (``close_job``)."""
+        ctl[0] = 1
+        if job is not None and self.threads > 1:
+            self._job = job  # read by a helper once the caller, inside ep, bumps the signal
+            if self._sleepers:  # asleep: woken here (holding the GIL; the slow path, after ~0.5 ms idle)
+                self._bump(self._signal, 0)
+                with self._cv:
+                    self._cv.notify_all()
         ep(*args)
-        close_job(ctl)
+        self._close(ctl)
 
 
+_NO_SIGNAL = np.zeros(0, np.int64)
 _pools: dict[int, ChunkPool] = {}
 
 
@@ -575,14 +572,11 @@ def _compiled(disp, args, slp: bool = False):
 
 
 class _Layer:
-    """What the layer kinds share: row chunks for the pool, and one prepared call per batch size
-    and ReLU flag holding its buffers (made on first use, reused after)."""
+    """What the layer kinds share: the thread pool, and one prepared call per batch size and
+    ReLU flag holding its buffers (made on first use, reused after)."""
 
     def _setup_threads(self, threads: int) -> None:
         self.pool = chunk_pool(threads)
-        # about 3 chunks per thread, none under ~32k multiply-adds (each chunk is a Python call)
-        n = int(max(1, min(3 * self.pool.threads, self.work_per_sample // 32768)))
-        self.chunks = row_chunks(self.w.rowptr, n)
         self._prepared: dict[tuple, Any] = {}
 
     @property
@@ -597,19 +591,22 @@ class _Layer:
     def nbytes(self) -> int:
         return self.w.nbytes + self.bias.nbytes
 
-    def _runner(self, ep, args_before, args_after, batch: int):
-        """fn() running ``ep(*args_before, r0, r1, *args_after)`` over all rows: serially when
-        the work is small or threads == 1, else in chunks on the pool."""
-        rows = self.w.rows
-        if self.pool.threads == 1 or self.work_per_sample * batch < PARALLEL_MIN_WORK or len(self.chunks) < 2:
-            return lambda: ep(*args_before, 0, rows, *args_after)
-        pool, chunks = self.pool, self.chunks
-        if self.work_per_sample * batch >= 64 * PARALLEL_MIN_WORK:
-            # big calls (batch 8-64 on large layers, ms each): 8 chunks per thread, so a helper
-            # descheduled mid-chunk (a busy core) holds back a smaller share of the call
-            n = int(min(8 * pool.threads, self.work_per_sample * batch // (PARALLEL_MIN_WORK // 4)))
-            chunks = row_chunks(self.w.rowptr, max(n, len(chunks)))
-        return lambda: pool.run(lambda r0, r1: ep(*args_before, r0, r1, *args_after), chunks)
+    def _dispatch(self, kernel: str, before: tuple, after: tuple, batch: int):
+        """fn() computing every row: ``kernel(*before, 0, rows, *after)`` on the calling thread
+        when the call is small, else the kernel's job ``kernel_job(*before, *after, bounds, ctl)``
+        shared by the pool's threads."""
+        bounds = row_bounds(self.w.rowptr, self.work_per_sample * batch, self.pool.threads)
+        if bounds.size <= 2:
+            ep = _compiled(numba_kernels()[kernel], (*before, 0, 0, *after))
+            rows = self.w.rows
+            return lambda: ep(*before, 0, rows, *after)
+        args = (*before, *after, bounds, np.zeros(4, np.int64), self.pool.signal_for(True))
+        ep = _compiled(numba_kernels()[f"{kernel}_job"], args)
+        pool, ctl = self.pool, args[-2]
+
+        def job():
+            ep(*args)
+        return lambda: pool.run_compiled(ep, args, ctl, job)
 
     def __call__(self, x: np.ndarray, relu: bool | None = None, pool: int = 1) -> np.ndarray:
         relu = self.relu if relu is None else bool(relu)
@@ -642,20 +639,9 @@ class SparseLinear(_Layer):
         self.relu = bool(relu)
         self.work_per_sample = max(self.w.nnz, 1)
         self._setup_threads(threads)
-        self.head = (self.w.rowptr, self.w.pk, self.w.cb, self.bias)
 
     def out_shape(self, in_shape) -> tuple:
         return (self.out_features,)
-
-    def step(self, batch: int, nb: int, x_flat: np.ndarray, y_flat: np.ndarray, relu: bool):
-        """fn() computing this layer from ``x_flat`` into ``y_flat``: vectors at batch 1, else the
-        transposed layout padded to ``nb`` lanes (``nb`` from ``lanes_for``)."""
-        if batch == 1:
-            ep = _compiled(numba_kernels()["lin_mv"], (*self.head, x_flat, y_flat, 0, 0, relu))
-        else:
-            ep = _compiled(numba_kernels()[f"mm{nb_lanes(nb)}"], (*self.head, x_flat, nb, y_flat, 0, 0, relu), slp=True)
-            return self._runner(ep, (*self.head, x_flat, nb, y_flat), (relu,), batch)
-        return self._runner(ep, (*self.head, x_flat, y_flat), (relu,), batch)
 
     def _prepare(self, batch: int, relu: bool, pool: int = 1):
         if pool != 1:
@@ -711,68 +697,56 @@ class LinearChain:
             fn = self._prepared[batch] = self._prepare(batch)
         return fn(x)
 
-    @staticmethod
-    def _row_bounds(layer, threads: int) -> np.ndarray:
-        """Row-chunk boundaries of one layer for ``chain_mv_threads``: one chunk when the layer is
-        too small to share, else up to 16 per thread of >= 16k non-zeros each (taking a chunk is
-        one atomic add, so many small chunks cost nothing and keep a slow thread's share small)."""
-        n = 1 if layer.work_per_sample < PARALLEL_MIN_WORK else int(min(16 * threads, layer.work_per_sample // 16384))
-        chunks = row_chunks(layer.w.rowptr, max(n, 1))
-        return np.array([0] + [b for _, b in chunks] if chunks else [0, 0], np.int64)
-
     def _prepare(self, batch: int):
-        if batch == 1:  # vectors; the input is copied into a staging vector (16 KiB: ~1 us)
-            xin = np.zeros(self.in_features, np.float32)
-            bufs = [np.empty(layer.out_features, np.float32) for layer in self.layers]
-            out = bufs[-1].reshape(1, -1)
-            if len({layer.w.pk.dtype for layer in self.layers}) == 1:
-                # the whole run in one compiled call, no Python between the layers
-                args = (tuple(layer.w.rowptr for layer in self.layers), tuple(layer.w.pk for layer in self.layers),
-                        tuple(layer.w.cb for layer in self.layers), tuple(layer.bias for layer in self.layers),
-                        (xin, *bufs), np.array(self.relus, np.uint8))
-                pool = self.layers[0].pool
-                if pool.threads > 1 and any(layer.work_per_sample >= PARALLEL_MIN_WORK for layer in self.layers):
-                    args = (*args, tuple(self._row_bounds(layer, pool.threads) for layer in self.layers),
-                            np.zeros(2 + 2 * len(self.layers), np.int64))
-                    ep = _compiled(numba_kernels()["chain_mv_threads"], args)
-
-                    def call_threads(x):
-                        np.copyto(xin, x.reshape(-1))
-                        pool.run_compiled(ep, args, args[-1])
-                        return out
-                    return call_threads
-                ep = _compiled(numba_kernels()["chain_mv"], args)
-
-                def call_fused(x):
-                    np.copyto(xin, x.reshape(-1))
-                    ep(*args)
-                    return out
-                return call_fused
-            srcs = [xin] + bufs[:-1]
-            steps = [layer.step(1, 1, srcs[i], bufs[i], self.relus[i]) for i, layer in enumerate(self.layers)]
+        # batch 1: vectors; above: (features, lanes) blocks, the input transposed into the first
+        nb = 1 if batch == 1 else lanes_for(batch)
+        kernel = "lin_mv" if batch == 1 else f"mm{nb_lanes(nb)}"
+        shape = (lambda f: (f,)) if batch == 1 else (lambda f: (f, nb))
+        acts = [np.zeros(shape(f), np.float32) for f in (self.in_features, *(l.out_features for l in self.layers))]
+        steps, start = [], 0
+        for end in range(1, len(self.layers) + 1):  # runs of like layers: a driver takes tuples of like arrays
+            if end == len(self.layers) or self.layers[end].w.pk.dtype != self.layers[start].w.pk.dtype:
+                steps.append(self._run(start, end, batch, nb, kernel, acts))
+                start = end
+        xin, last = acts[0], acts[-1]
+        if batch == 1:
+            out = last.reshape(1, -1)
 
             def call(x):
-                np.copyto(xin, x.reshape(-1))
+                np.copyto(xin, x.reshape(-1))  # 16 KiB at most: ~1 us
                 for s in steps:
                     s()
                 return out
             return call
-        nb = lanes_for(batch)
-        xt = np.zeros((self.in_features, nb), np.float32)  # padding lanes stay 0
-        bufs = [np.zeros((layer.out_features, nb), np.float32) for layer in self.layers]
-        srcs = [xt] + bufs[:-1]
-        steps = [layer.step(batch, nb, srcs[i].reshape(-1), bufs[i].reshape(-1), self.relus[i])
-                 for i, layer in enumerate(self.layers)]
         y = np.empty((batch, self.out_features), np.float32)
-        tr, last, fin, fout = numba_kernels()["transpose"], bufs[-1], self.in_features, self.out_features
+        tr, fin, fout = numba_kernels()["transpose"], self.in_features, self.out_features
 
-        def call(x):
-            tr(x.reshape(batch, -1), xt, batch, fin)
+        def call_batch(x):
+            tr(x.reshape(batch, -1), xin, batch, fin)
             for s in steps:
                 s()
             tr(last, y, fout, batch)
             return y
-        return call
+        return call_batch
+
+    def _run(self, start: int, end: int, batch: int, nb: int, kernel: str, acts: list):
+        """fn() computing layers [start, end) from ``acts[start]`` into ``acts[end]`` with the
+        kernel's chain driver (``_mm_kernels``): on every thread of the pool when a layer is big
+        enough to share, else on the calling thread alone."""
+        layers, pool = self.layers[start:end], self.layers[0].pool
+        bounds = tuple(row_bounds(l.w.rowptr, l.work_per_sample * batch, pool.threads) for l in layers)
+        args = (tuple(l.w.rowptr for l in layers), tuple(l.w.pk for l in layers), tuple(l.w.cb for l in layers),
+                tuple(l.bias for l in layers), tuple(a.reshape(-1) for a in acts[start:end + 1]),
+                *(() if batch == 1 else (nb,)), np.array(self.relus[start:end], np.uint8), bounds,
+                np.zeros(2 + 2 * len(layers), np.int64), pool.signal_for(shared := any(b.size > 2 for b in bounds)))
+        ep = _compiled(numba_kernels()[f"chain_{kernel}"], args, slp=batch > 1)
+        if not shared:  # the driver runs every chunk in order on the calling thread: no job, no atomics
+            return lambda: ep(*args)
+        ctl = args[-2]
+
+        def job():
+            ep(*args)
+        return lambda: pool.run_compiled(ep, args, ctl, job)
 
 
 class SparseConv2d(_Layer):
@@ -830,46 +804,22 @@ class SparseConv2d(_Layer):
         y = np.empty((batch, self.cout, self.oh // pool, self.ow // pool), np.float32)
         yf = y.reshape(batch, self.cout, -1)
         head = (self.w.rowptr, self.w.cols, self.codes, self.cb, self.bias)
-        tail = (self.oh, self.ow, self.wp, self.stride)
-        f = numba_kernels()["conv"]
         shape = (batch, self.cin, self.h, self.w_in)
-        if self.stride == 1:  # the wide kernel: always through the staging buffer (with its tail)
-            plane = self.cin * self.hp * self.wp
-            xp = np.zeros((batch, plane + self.wp), np.float32)
-            ph, pw = self.pad
-            inner = xp[:, :plane].reshape(batch, self.cin, self.hp, self.wp)[:, :, ph:ph + self.h, pw:pw + self.w_in]
+        ph, pw = self.pad
+        plane = self.cin * self.hp * self.wp
+        # the input goes through a zero-padded staging buffer (with a tail of wp for the wide kernel)
+        xp = np.zeros((batch, plane + (self.wp if self.stride == 1 else 0)), np.float32)
+        inner = xp[:, :plane].reshape(batch, self.cin, self.hp, self.wp)[:, :, ph:ph + self.h, pw:pw + self.w_in]
+        if self.stride == 1:  # the wide kernel, pooling fused
             wide = np.empty((batch, self.cout, self.oh * self.wp), np.float32)
-            args = (*head, xp, wide, yf, self.oh, self.ow, self.wp, int(pool))
-            ep = _compiled(numba_kernels()["conv_wide"], (*args, 0, 0, relu))
-            run = self._runner(ep, args, (relu,), batch)
-
-            def call(x):
-                inner[...] = x.reshape(shape)
-                run()
-                return y
-            return call
-        if any(self.pad):
-            xp = np.zeros((batch, self.cin, self.hp, self.wp), np.float32)
-            inner = xp[:, :, self.pad[0]:self.pad[0] + self.h, self.pad[1]:self.pad[1] + self.w_in]
-            ep = _compiled(f, (*head, xp.reshape(batch, -1), yf, *tail, 0, 0, relu))
-            run = self._runner(ep, (*head, xp.reshape(batch, -1), yf, *tail), (relu,), batch)
-
-            def call(x):
-                inner[...] = x.reshape(shape)
-                run()
-                return y
-            return call
-        ep = _compiled(f, (*head, np.zeros((batch, self.in_features), np.float32), yf, *tail, 0, 0, relu))
-        rows, pool, chunks = self.w.rows, self.pool, self.chunks
-        if self.pool.threads == 1 or self.work_per_sample * batch < PARALLEL_MIN_WORK or len(chunks) < 2:
-            def call(x):
-                ep(*head, x.reshape(batch, -1), yf, *tail, 0, rows, relu)
-                return y
+            run = self._dispatch("conv_wide", (*head, xp, wide, yf, self.oh, self.ow, self.wp, int(pool)), (relu,), batch)
         else:
-            def call(x):
-                xf = x.reshape(batch, -1)
-                pool.run(lambda r0, r1: ep(*head, xf, yf, *tail, r0, r1, relu), chunks)
-                return y
+            run = self._dispatch("conv", (*head, xp, yf, self.oh, self.ow, self.wp, self.stride), (relu,), batch)
+
+        def call(x):
+            inner[...] = x.reshape(shape)
+            run()
+            return y
         return call
 
 
