@@ -9,9 +9,9 @@ padded to a multiple of 8 entries, so no remainder loop.
 
 Then one chain driver per kernel (chain_lin_mv, chain_mm_*): consecutive layers in one call, on
 the calling thread alone (an empty signal), or as one job run by every thread of a ChunkPool at
-once (ChunkPool.run_compiled). Layer l's row chunks (bounds[l])
-are taken from counter ctl[2 + 2l]; ctl[3 + 2l] counts the chunks done, and nobody starts layer
-l + 1 before all of layer l, its input, is written."""
+once (ChunkPool.run_compiled). Layer l's row chunks (bounds[l]) are taken from counter
+ctl[2 + 2l]; ctl[3 + 2l] counts the chunks done, and nobody starts layer l + 1 before all of
+layer l, its input, is written."""
 
 import numpy as np
 

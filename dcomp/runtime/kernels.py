@@ -313,9 +313,9 @@ def mm_source() -> str:
            '',
            'Then one chain driver per kernel (chain_lin_mv, chain_mm_*): consecutive layers in one call, on',
            'the calling thread alone (an empty signal), or as one job run by every thread of a ChunkPool at',
-           'once (ChunkPool.run_compiled). Layer l\'s row chunks (bounds[l])',
-           'are taken from counter ctl[2 + 2l]; ctl[3 + 2l] counts the chunks done, and nobody starts layer',
-           'l + 1 before all of layer l, its input, is written."""',
+           'once (ChunkPool.run_compiled). Layer l\'s row chunks (bounds[l]) are taken from counter',
+           'ctl[2 + 2l]; ctl[3 + 2l] counts the chunks done, and nobody starts layer l + 1 before all of',
+           'layer l, its input, is written."""',
            '', 'import numpy as np', '',
            'from dcomp.runtime._atomics import atomic_add, enter_job, leave_job, wait_at_least',
            'from dcomp.runtime.kernels import _SCALAR, _lin_mv, _pcol, _pval, njit', '']
@@ -699,6 +699,7 @@ class LinearChain:
 
     def _prepare(self, batch: int):
         # batch 1: vectors; above: (features, lanes) blocks, the input transposed into the first
+        # (its padding lanes stay 0)
         nb = 1 if batch == 1 else lanes_for(batch)
         kernel = "lin_mv" if batch == 1 else f"mm{nb_lanes(nb)}"
         shape = (lambda f: (f,)) if batch == 1 else (lambda f: (f, nb))
@@ -713,7 +714,7 @@ class LinearChain:
             out = last.reshape(1, -1)
 
             def call(x):
-                np.copyto(xin, x.reshape(-1))  # 16 KiB at most: ~1 us
+                np.copyto(xin, x.reshape(-1))  # ~1 us for 4096 features
                 for s in steps:
                     s()
                 return out
