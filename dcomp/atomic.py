@@ -109,8 +109,14 @@ def remove_stale_temps(target: Path) -> list[str]:
     return removed
 
 
-def _mkstemp(target: Path) -> tuple[int, str]:
-    return tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+def _new_temp(path, target: Path) -> tuple[int, str]:
+    """A new temporary file beside ``target`` (after removing dead processes' leftovers), named
+    so that ``remove_stale_temps`` recognises it; errors name the ``path`` the user gave."""
+    remove_stale_temps(target)
+    try:
+        return tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise _err(path, e) from None
 
 
 def check_writable(path: str | os.PathLike, expected_bytes: int | None = None) -> None:
@@ -124,11 +130,7 @@ def check_writable(path: str | os.PathLike, expected_bytes: int | None = None) -
         if not os.access(target, os.W_OK):
             raise DcompError(f"cannot write {path}: permission denied")
         return
-    remove_stale_temps(target)
-    try:
-        fd, tmp = _mkstemp(target)
-    except OSError as e:
-        raise _err(path, e) from None
+    fd, tmp = _new_temp(path, target)
     try:
         size = max(int(expected_bytes or _PROBE_DEFAULT), 1)
         try:
@@ -206,11 +208,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, on_commit=None) -> Path:
     if kind == "through":
         write_through(target, data)
         return target
-    remove_stale_temps(target)
-    try:
-        fd, tmp = _mkstemp(target)
-    except OSError as e:
-        raise _err(path, e) from None
+    fd, tmp = _new_temp(path, target)
     try:
         # mkstemp makes the file 0600; give it the mode a plain open() would (or the old file's)
         if target.exists():
