@@ -32,7 +32,12 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int | None = None,
     hdr = read_header(data, source, lim)
     rd = _check_claims(data, hdr, source, max_bytes, lim)
     h = hdr.h
-    for i, (b, e, crc) in enumerate(hdr.sections):
+    if hdr.data_crc is not None:      # format 1.5: one CRC32 for the whole data area
+        if zlib.crc32(memoryview(data)[hdr.d:]) != hdr.data_crc:
+            raise _fail(source, f"data area checksum mismatch (corrupt file: some byte of the {len(hdr.sections)} "
+                                "sections changed; a 1.5 file has one CRC32 for all of them, so which one is not "
+                                "known)", E.SectionChecksum)
+    for i, (b, e, crc) in enumerate(hdr.sections if hdr.data_crc is None else ()):
         if zlib.crc32(memoryview(data)[b:e]) != crc:
             raise _fail(source, f"section {i} ({rd.used.get(i, 'unused')}) checksum mismatch (corrupt file)",
                         E.SectionChecksum)
