@@ -88,8 +88,10 @@ def _seed_checkpoint(seed: int = 0) -> Checkpoint:
 @functools.lru_cache(maxsize=None)
 def seed_files() -> tuple[bytes, ...]:
     ck = _seed_checkpoint()
-    return (dcz.write_bytes(ck), dcz.write_bytes(ck, dcz.PackConfig(huffman=False, compress_header=False)),
-            dcz.write_bytes(ck, dcz.PackConfig(block=4, fp16_exact=False)))
+    # JSON-header (1.0-1.4) files: mutate_dcz edits their JSON (binary_targets.py mutates 1.5 headers)
+    return (dcz.write_bytes(ck, dcz.PackConfig(header="json")),
+            dcz.write_bytes(ck, dcz.PackConfig(huffman=False, compress_header=False, header="json")),
+            dcz.write_bytes(ck, dcz.PackConfig(block=4, fp16_exact=False, header="json")))
 
 
 @functools.lru_cache(maxsize=None)

@@ -134,8 +134,10 @@ def encode(h: dict, parts: list[bytes], align: int = 0) -> tuple[bytes, list[byt
         prev = name
         enc = t["encoding"]
         v = t.get("values", {})
-        form = {"raw": FORM_RAW, "codebook": FORM_CODEBOOK}.get(enc) or \
-            (FORM_SPARSE_RAW if v["kind"] == "raw" else FORM_SPARSE_CB)
+        if enc == "sparse":
+            form = FORM_SPARSE_RAW if v["kind"] == "raw" else FORM_SPARSE_CB
+        else:
+            form = FORM_RAW if enc == "raw" else FORM_CODEBOOK
         narrow = (t if enc == "raw" else v).get("stored_dtype") == "float16"
         o.buf.append(DTYPE_CODE[t["dtype"]] | form << 4 | (F16 if narrow else 0))
         o.buf += _shape(t["shape"])

@@ -349,7 +349,17 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
     data = bytes(out)
     if cfg.verify:
         _verify(ckpt, read_bytes(data, source="packed bytes"))
-    return data, inspect_bytes(data, source="packed bytes")
+    report = inspect_bytes(data, source="packed bytes")
+    # a 1.5 header stores no entropies (a reader can compute them from the symbols): the writer knows them
+    byname = {t["name"]: t for t in tensors}
+    for row in report["layers"]:
+        t = byname[row["name"]]
+        for key, s in (("gaps", t.get("gaps")), ("indices", (t.get("values") or {}).get("indices"))):
+            st = row.get(key)
+            if st is not None and st.get("entropy") is None and isinstance(s, dict) and s.get("entropy"):
+                st["entropy"] = s["entropy"]
+                st["over_entropy"] = st["bits_per_symbol"] / s["entropy"] - 1
+    return data, report
 
 
 BRIEF_STR = 40   # longest string param a brief provenance keeps
