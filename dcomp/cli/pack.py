@@ -32,6 +32,7 @@ def pack(
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip decoding the result to check it bit for bit")] = False,
     keep_times: Annotated[bool, typer.Option("--keep-times", help="keep provenance times in the file (default: none, so the same checkpoint packs to the same bytes)")] = False,
     provenance: Annotated[str, typer.Option("--provenance", help="provenance in the file: full, brief (stage names and scalar params; default) or none")] = "brief",
+    header: Annotated[str, typer.Option("--header", help="header form: binary (format 1.5, default: ~0.3 KB on LeNet-5) or json (formats 1.0-1.4, for dcomp releases before 1.5)")] = "binary",
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     data: DataOpt = None,
@@ -47,7 +48,7 @@ def pack(
         coder = "huffman"
     cfg = _config(index_bits=index_bits, index_bits_fc=index_bits_fc, index_bits_conv=index_bits_conv,
                   huffman=not no_huffman, coder=coder, block=block, verify=not no_verify, keep_times=keep_times,
-                  provenance=provenance, **extra)
+                  provenance=provenance, header=header, **extra)
     inp = common.read_input(model)
     sink = common.plan_output(output, inp, what=".dcz file")
     ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
