@@ -414,4 +414,8 @@ from fuzzing import cabac_targets  # noqa: E402  (imports Choices from this modu
 
 DECODE["cabac_decode"] = cabac_targets.cabac_decode
 ROUND_TRIP["cabac_round_trip"] = cabac_targets.cabac_round_trip
+from fuzzing import binary_targets  # noqa: E402
+
+DECODE["dcz_binary_decode"] = binary_targets.dcz_binary_decode
+ROUND_TRIP["dcz_binary_round_trip"] = binary_targets.dcz_binary_round_trip
 TARGETS = {**DECODE, **ROUND_TRIP}

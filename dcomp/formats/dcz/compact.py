@@ -34,6 +34,12 @@ MAX_DIMS = 32
 MAX_VALUE = 1 << 62            # any varint: keeps every product within Python-int sanity
 MAX_VERSION = 64               # dcomp_version bytes
 MAX_ALIGN = 3                  # sections aligned to 1, 2, 4 or 8 bytes
+MAX_BLOCK = 4096               # symbols per Huffman block (dcomp.compressors.huffman.MAX_BLOCK)
+
+
+def printable(name: str, n: int = 80) -> str:
+    """A name from the file as it may appear in a one-line message (control characters as '?')."""
+    return "".join(ch if ch.isprintable() else "?" for ch in name[:n])
 
 
 def _align(n: int, a: int) -> int:
@@ -311,7 +317,9 @@ class _In:
         elif coding == "huffman":
             if p > 7:
                 raise self.fail(field + ".coding", f"Huffman pad bits {p} is more than 7")
-            s["block"] = self.varint(field + ".block", 1 << 16)
+            s["block"] = self.varint(field + ".block", MAX_BLOCK)
+            if s["block"] == 0:
+                raise self.fail(field + ".block", "0 symbols per Huffman block (at least 1)")
         elif coding == "ans":
             if not 1 <= p <= 15:
                 raise self.fail(field + ".coding", f"rANS precision {p} is not between 1 and 15")
@@ -374,7 +382,7 @@ def decode(body: bytes, source: str = "input") -> tuple[dict, int, int, list[int
         prev = raw
         name = r.utf8(raw, f + ".name")
         names.append(name)
-        r.where = f"tensor {name[:80]}"
+        r.where = f"tensor {printable(name)}"
         k = r.u8(f + ".kind")
         if k & 0x80:
             raise r.fail(f + ".kind", f"reserved bit 7 set in 0x{k:02X}")
@@ -424,19 +432,19 @@ def decode(body: bytes, source: str = "input") -> tuple[dict, int, int, list[int
         else:
             raise r.fail(f + ".encoding", f"unknown mask encoding {e} (0 support, 1 bitmap)")
         if name in h["masks"]:
-            raise r.fail(f + ".tensor", f"second mask for {name[:80]}")
+            raise r.fail(f + ".tensor", f"second mask for {printable(name)}")
         h["masks"][name] = m
     byname = {t["name"]: t for t in h["tensors"]}
     for i in range(r.count("quant", 2)):
         f = f"quant[{i}]"
         name = r.name_ref(f + ".tensor", names)
         if name in h["quant"]:
-            raise r.fail(f + ".tensor", f"second quant entry for {name[:80]}")
+            raise r.fail(f + ".tensor", f"second quant entry for {printable(name)}")
         fl = r.u8(f + ".form")
         if fl == Q_DEFAULT:
             t = byname.get(name)
             if t is None or t["encoding"] == "raw" or t["values"]["kind"] != "codebook":
-                raise r.fail(f + ".form", f"the shared form needs tensor {name[:80]} to have codebook values")
+                raise r.fail(f + ".form", f"the shared form needs tensor {printable(name)} to have codebook values")
             h["quant"][name] = {"bits": t["values"]["bits"], "codebook": {"from": "values"},
                                 "assignments": {"from": "values", "dtype": "uint8", "fill": 0}}
             continue

@@ -293,9 +293,9 @@ def _check_schema(h: dict, source: str, lim: _limits.Limits | None = None) -> No
         S.dict_(t, p)
         name = S.str_(t.get("name"), f"{p}.name")
         if name in names:
-            raise S.bad(p, f"duplicate tensor name {name[:80]}")
+            raise S.bad(p, f"duplicate tensor name {compact.printable(name)}")
         names.add(name)
-        S.ctx = f" (tensor {name[:80]})"
+        S.ctx = f" (tensor {compact.printable(name)})"
         S.str_(t.get("dtype"), f"{p}.dtype", DTYPES)
         S.shape(t.get("shape"), f"{p}.shape")
         enc = S.str_(t.get("encoding"), f"{p}.encoding", ("raw", "sparse", "codebook"))
@@ -316,13 +316,13 @@ def _check_schema(h: dict, source: str, lim: _limits.Limits | None = None) -> No
             S.stream(v.get("indices"), f"{p}.values.indices")
     S.ctx = ""
     for name, m in h["masks"].items():
-        p = f"masks[{name[:80]!r}]"
+        p = f"masks[{compact.printable(name)!r}]"
         S.dict_(m, p)
         if S.str_(m.get("encoding"), f"{p}.encoding", ("support", "bitmap")) == "bitmap":
             S.section_ref(m, p)
             S.shape(m.get("shape"), f"{p}.shape")
     for name, q in h["quant"].items():
-        p = f"quant[{name[:80]!r}]"
+        p = f"quant[{compact.printable(name)!r}]"
         S.dict_(q, p)
         if "bits" in q:
             S.int_(q["bits"], f"{p}.bits", 1, 16)
