@@ -145,7 +145,7 @@ def _render(c, report: dict, title: str) -> None:
     parts = ("indices", "values", "codebook", "tables", "other") if wide else ()
     t = Table(title=title, title_justify="left", box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD, pad_edge=wide, collapse_padding=not wide,
               caption="b/sym: code bits per symbol" + (" / entropy (h: Huffman, f: fixed width, a: rANS, c: context-adaptive cabac)" if wide else
-                                                      " of the index and value streams (--json: entropy)")
+                                                      " of the index and value streams (--json: entropy, where the file or the writer states it)")
               + "; ratio: float32 dense bytes / packed bytes", caption_justify="left")
     streams = ["idx b/sym", "val b/sym"] if wide else ["b/sym"]
     cols = ["tensor", "shape", "enc", "dens", "bits", "idx", *parts, "total", "ratio", *streams]
