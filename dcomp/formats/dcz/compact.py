@@ -375,7 +375,7 @@ def decode(body: bytes, source: str = "input") -> tuple[dict, int, int, list[int
     h["tensors"], h["masks"], h["quant"], h["sections"] = [], {}, {}, []
     names: list[str] = []
     prev = b""
-    for i in range(r.count("tensors", 3)):
+    for i in range(r.count("tensors", 4)):
         f = f"tensors[{i}]"
         p = r.varint(f + ".name prefix", len(prev))
         raw = prev[:p] + r.bytes_(r.varint(f + ".name length"), f + ".name")
