@@ -391,11 +391,11 @@ def test_compressed_header_round_trip_and_size():
     ck = make_ckpt({"fc.weight": w, "fc.bias": torch.randn(60, generator=g)}, {"fc.weight": m}, {"fc.weight": q})
     for i in range(6):  # a long provenance, as after a recipe run (NaN included)
         ck.add_provenance(f"stage{i}", {"lr": 0.01 * i, "epochs": i}, {"top1": 97.123456789 - i, "loss": float("nan")})
-    data, report, _ = roundtrip(ck)
+    data, report, _ = roundtrip(ck, header="json")      # the JSON header (1.1-1.4); 1.5: test_dcz_binary.py
     major, minor, flags, hlen, _, usize = struct.unpack_from("<HHIQII", data, 8)
     assert major == 1 and flags & 1 and minor == (5 if flags & 16 else 4 if flags & 8 else 3 if flags & 4 else 2)
     assert report["header_compressed"] and report["header_stored_bytes"] == hlen < usize == report["header_json_bytes"]
-    plain, plain_report, _ = roundtrip(ck, compress_header=False)
+    plain, plain_report, _ = roundtrip(ck, compress_header=False, header="json")
     assert struct.unpack_from("<IQI", plain, 12)[0] & 1 == 0 and struct.unpack_from("<I", plain, 28)[0] == 0
     assert not plain_report["header_compressed"] and plain_report["header_json_bytes"] == usize
     assert header_json(data) == header_json(plain)  # the same JSON, only stored differently
@@ -406,7 +406,7 @@ def test_compressed_header_round_trip_and_size():
 
 def test_tiny_header_stays_uncompressed_when_zlib_does_not_help(monkeypatch):
     monkeypatch.setattr(dcz.zlib, "compress", lambda b, level=9: b + b"pad")
-    data, report, _ = roundtrip(make_ckpt({"w": torch.ones(2)}))
+    data, report, _ = roundtrip(make_ckpt({"w": torch.ones(2)}), header="json")   # 1.5: test_dcz_binary.py
     assert struct.unpack_from("<I", data, 12)[0] & 1 == 0 and not report["header_compressed"]
 
 

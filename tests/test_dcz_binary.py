@@ -46,7 +46,7 @@ def example() -> bytes:
 def body_of(data: bytes) -> bytes:
     flags, hlen = struct.unpack_from("<IQ", data, 12)
     raw = data[32:32 + hlen]
-    return zlib.decompress(raw) if flags & 1 else raw
+    return zlib.decompressobj(zdict=compact.ZDICT).decompress(raw) if flags & 1 else raw
 
 
 def reframe(body: bytes, area: bytes, flags: int = 0x12, fix_crc: bool = True) -> bytes:
@@ -256,3 +256,47 @@ def test_every_truncation_and_byte_flip_of_the_example_raises_only_format_errors
                 read(reframe(bytes(b), area, fix_crc=i not in range(1, 5)))
             except E.DczError as e:
                 assert "\n" not in str(e)
+
+
+# ---- the preset dictionary of a 1.5 header's zlib stream ------------------------------------------------
+
+def test_format_md_states_the_preset_dictionary():
+    doc = (ROOT / "docs" / "FORMAT.md").read_text()
+    block = doc.split("<!-- dcz-1.5-zdict -->", 2)[1].split("```", 2)[1]
+    lines = block.split("\n")[1:-1]            # between the fence lines
+    assert "\n".join(lines).encode() == compact.ZDICT
+
+
+def _zframe_body(body: bytes, zdict: bytes | None, area: bytes, flags: int) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, *([zdict] if zdict else []))
+    z = c.compress(body) + c.flush()
+    return DCZ_MAGIC + struct.pack("<HHIQII", 1, 5, flags | 1, len(z), zlib.crc32(z), len(body)) + z + area
+
+
+def test_preset_dictionary_reads_and_another_dictionary_is_refused():
+    good = example()
+    body = body_of(good)
+    area = good[32 + len(body):]
+    for zd in (None, compact.ZDICT):            # with or without the dictionary: the same file
+        assert_same(example_ckpt(), dcz.read_bytes(_zframe_body(body, zd, area, 0x12), "t.dcz"))
+    with pytest.raises(E.BadHeaderZlib, match="header zlib stream is corrupt"):
+        read(_zframe_body(body, b"another dictionary", area, 0x12))
+    # a JSON (1.0-1.4) header never has a dictionary
+    js = dcz.write_bytes(example_ckpt(), dcz.PackConfig(header="json", compress_header=False))
+    hlen = struct.unpack_from("<Q", js, 16)[0]
+    jbody, jarea = js[32:32 + hlen], js[(32 + hlen + 7) // 8 * 8:]
+    z = _zframe_body(jbody, compact.ZDICT, b"", 2)
+    z = z[:10] + struct.pack("<H", 2) + z[12:]
+    z += b"\0" * (-len(z) % 8) + jarea
+    with pytest.raises(E.BadHeaderZlib):
+        read(z)
+
+
+def test_writer_stores_the_shortest_of_plain_zlib_and_zlib_with_the_dictionary():
+    for ck in (_mixed_ckpt(), make_ckpt({"w": torch.ones(2)})):
+        data = dcz.write_bytes(ck)
+        body = body_of(data)
+        hlen = struct.unpack_from("<Q", data, 16)[0]
+        assert hlen == min(len(body), len(zlib.compress(body, 9)), len(compact.compress(body)))
+        assert bool(struct.unpack_from("<I", data, 12)[0] & 1) == (hlen < len(body))
+        assert dcz.inspect_bytes(data)["header_json_bytes"] == len(body)

@@ -38,7 +38,7 @@ def split_binary(data: bytes) -> tuple[bytes, bytes, int, int]:
     """(binary header body, data area, flags, minor) of a well-formed 1.5 file."""
     minor, flags, hlen = struct.unpack_from("<HIQ", data, 10)
     raw = data[32:32 + hlen]
-    body = zlib.decompress(raw) if flags & 1 else raw
+    body = zlib.decompressobj(zdict=compact.ZDICT).decompress(raw) if flags & 1 else raw
     align = body[0] if body and body[0] <= compact.MAX_ALIGN else 0
     d = compact._align(32 + hlen, align)
     return body, data[d:], flags, minor
@@ -52,7 +52,7 @@ def frame_binary(body: bytes, area: bytes, flags: int, minor: int = 5, compress:
     if fix_data_crc and len(body) >= 5:
         body[1:5] = zlib.crc32(area).to_bytes(4, "little")
     compress = bool(flags & 1) if compress is None else compress
-    stored = zlib.compress(bytes(body), 9) if compress else bytes(body)
+    stored = compact.compress(bytes(body)) if compress else bytes(body)
     flags = (flags | 1) if compress else (flags & ~1)
     pre = DCZ_MAGIC + struct.pack("<HHIQII", 1, minor, flags & 0xFFFFFFFF, len(stored), zlib.crc32(stored),
                                   len(body) if compress else 0)

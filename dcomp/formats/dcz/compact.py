@@ -37,6 +37,45 @@ MAX_ALIGN = 3                  # sections aligned to 1, 2, 4 or 8 bytes
 MAX_BLOCK = 4096               # symbols per Huffman block (dcomp.compressors.huffman.MAX_BLOCK)
 
 
+# The preset dictionary a 1.5 header's zlib stream MAY use (docs/FORMAT.md, "The preset dictionary"):
+# strings common in dcomp headers, the most frequent last (zlib reaches near strings more cheaply).
+ZDICT_LINES = (
+    '{"kind":"graph","graph":{"format":"dcomp-graph","version":1,"modules":[{"name":"features","type":"container"},'
+    '{"name":"","type":"Conv2d","args":{"in_channels":1,"out_channels":,"kernel_size":{"tuple":[3,3]},"stride":'
+    '{"tuple":[1,1]},"padding":{"tuple":[1,1]},"bias":false}},{"name":"","type":"BatchNorm2d","args":{"num_features":'
+    ',"eps":1e-05,"momentum":0.1,"affine":true,"track_running_stats":true}},{"name":"","type":"ReLU","args":'
+    '{"inplace":true}},{"name":"","type":"Linear","args":{"in_features":,"out_features":,"bias":true}}],"tensors":[],'
+    '"nodes":[{"name":"x","op":"placeholder","target":"x","args":[],"kwargs":{}},{"name":"","op":"call_module",'
+    '"target":"","args":[{"node":""}],"kwargs":{}},{"name":"","op":"call_function","target":"torch.flatten",'
+    '"args":[{"node":""},1],"kwargs":{}},{"name":"output","op":"output","target":"output","args":[{"node":""}]',
+    '"kind":"factory","target":"torchvision.models:resnet18","kwargs":{}',
+    '.running_mean.running_var.num_batches_tracked.downsample.0.layer1.layer2.layer3.features.classifier.shortcut.bn1.bn2',
+    '{"stage":"distill","params":{"temperature":4.0,"alpha":0.5,"epochs":}},{"stage":"factorize","params":{"rank":}}',
+    '{"stage":"train","params":{"arch":"","data":"","resize":28,"seed":0,"epochs":20,"batch_size":64,"lr":0.1,'
+    '"optimizer":"sgd","momentum":0.9,"weight_decay":0.0005,"lr_schedule":"cosine","select":"last","val_fraction":0.1}},'
+    '{"stage":"prune","params":{"method":"magnitude","sparsity":0.9,"min_weights":0,"rounds":1,"schedule":"cubic",'
+    '"recalibrate_bn":true,"recalibrate_samples":2048,"global_rank":false,"taylor_samples":256}},'
+    '{"stage":"retrain","params":{"data":"","seed":0,"epochs":,"method":"dns"}},'
+    '{"stage":"quantize","params":{"bits":5,"conv_bits":8,"fc_bits":5,"init":"linear","max_iter":1000,'
+    '"codebook":"kmeans","rd_lambda":0,"requantize":false,"bias_bits":4,"float16":true,"mode":"kmeans",'
+    '"threshold":0.05,"scale":"layer","keep_first_last":true}}',
+    '{"arch":{"kind":"zoo","name":"resnet-small","kwargs":{}},"data":{"spec":"synthetic","resize":null}}',
+    '{"arch":{"kind":"zoo","name":"vgg-small","kwargs":{}},"data":{"spec":"idx:mnist","resize":null}}',
+    '{"arch":{"kind":"zoo","name":"lenet-300-100","kwargs":{}},"data":{"spec":"digits","resize":null}}',
+    '{"arch":{"kind":"zoo","name":"lenet-5","kwargs":{}},"data":{"spec":"npz:mnist.npz","resize":28},"provenance":[',
+    'conv1.weightconv1.biasconv2.weightconv2.biasfc1.weightfc1.biasfc2.weightfc2.biasfc3.weightfc3.bias',
+)
+ZDICT = "\n".join(ZDICT_LINES).encode("utf-8")
+
+
+def compress(body: bytes) -> bytes:
+    """The shortest of zlib level 9 with and without the preset dictionary (a valid zlib stream either way)."""
+    plain = zlib.compress(body, 9)
+    c = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, ZDICT)
+    withdict = c.compress(body) + c.flush()
+    return withdict if len(withdict) < len(plain) else plain
+
+
 def printable(name: str, n: int = 80) -> str:
     """A name from the file as it may appear in a one-line message (control characters as '?')."""
     return "".join(ch if ch.isprintable() else "?" for ch in name[:n])

@@ -81,7 +81,7 @@ def read_header(data: bytes, source: str = "input", limits: _limits.Limits | Non
     if zlib.crc32(raw) != hcrc:
         raise _fail(source, "header checksum mismatch (corrupt file)", E.HeaderChecksum)
     if compressed:
-        raw = _inflate_header(raw, usize, source)
+        raw = _inflate_header(raw, usize, source, compact.ZDICT if flags & FLAG_BINARY else None)
     if flags & FLAG_BINARY:
         return _read_binary(data, raw, hlen, compressed, flags, source, lim)
     try:
@@ -142,9 +142,10 @@ def _read_binary(data: bytes, raw: bytes, hlen: int, compressed: bool, flags: in
     return _Header(h, d, secs, stored=hlen, json_bytes=len(raw), compressed=compressed, flags=flags, data_crc=crc)
 
 
-def _inflate_header(raw: bytes, usize: int, source: str) -> bytes:
-    """Decompress a zlib-stored header, never producing more than ``usize + 1`` bytes."""
-    z = zlib.decompressobj()
+def _inflate_header(raw: bytes, usize: int, source: str, zdict: bytes | None = None) -> bytes:
+    """Decompress a zlib-stored header, never producing more than ``usize + 1`` bytes. ``zdict``: the
+    preset dictionary a 1.5 header's stream may name (a stream naming another one is corrupt)."""
+    z = zlib.decompressobj() if zdict is None else zlib.decompressobj(zdict=zdict)
     try:
         out = z.decompress(raw, usize + 1)
     except zlib.error as e:

@@ -336,7 +336,7 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
         minor = 4 if sec.cabac else 3 if sec.ans else 2
     stored, usize = body, 0
     if cfg.compress_header:
-        z = zlib.compress(body, 9)
+        z = compact.compress(body) if cfg.header == "binary" else zlib.compress(body, 9)
         if len(z) < len(body):
             stored, flags, usize = z, flags | FLAG_ZHEADER, len(body)
     pre = DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, minor, flags, len(stored), zlib.crc32(stored), usize)
@@ -468,7 +468,7 @@ def reheader(data: bytes, header: str = "binary", source: str = "input", compres
         minor = 4 if flags & FLAG_CABAC else 3 if flags & FLAG_ANS else 2
     stored, usize = body, 0
     if compress_header:
-        z = zlib.compress(body, 9)
+        z = compact.compress(body) if header == "binary" else zlib.compress(body, 9)
         if len(z) < len(body):
             stored, flags, usize = z, flags | FLAG_ZHEADER, len(body)
     out = bytearray(DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, minor, flags, len(stored), zlib.crc32(stored), usize))
