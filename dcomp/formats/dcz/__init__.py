@@ -34,7 +34,7 @@ from dcomp.formats.dcz.summary import inspect_bytes  # noqa: F401
 # writing need torch, so those names load their modules on first use (PEP 562): importing this
 # package does not import torch (dcomp inspect / info answer without it).
 _LAZY = {"read_bytes": "reader", "PackConfig": "writer", "PackResult": "writer", "apply_pack": "writer",
-         "pack": "writer", "write_bytes": "writer", "provenance_for": "writer"}
+         "pack": "writer", "write_bytes": "writer", "provenance_for": "writer", "reheader": "writer"}
 
 
 def __getattr__(name: str):
