@@ -181,7 +181,7 @@ def lenet(sparsity: float, bits: int, epochs: int) -> dict:
     q, _ = retrain(q, ds, TrainConfig(epochs=1, lr=0.001))                   # then centroid fine-tuning
     top_q = accuracy(q, ds)
     data, report = dcz.pack(q)
-    plain, plain_report = dcz.pack(q, dcz.PackConfig(compress_header=False))  # 1.0 layout: JSON as is
+    plain, plain_report = dcz.pack(q, dcz.PackConfig(compress_header=False, header="json"))  # 1.0 layout: JSON as is
     back = dcz.read_bytes(data)
     top_back = accuracy(back, ds)
     params = sum(v.numel() for v in q.state_dict.values())
@@ -298,8 +298,8 @@ def recipe(epochs: int = 20) -> list[str]:
             ck = dcz.read_bytes(f.read(), source="model.dcz")
     from dcomp.data import load_dataset
     half = fp16_rows("recipe output (8x8 digits)", ck, load_dataset("digits"))
-    after, rep_after = dcz.pack(ck)
-    before, rep_before = dcz.pack(ck, dcz.PackConfig(compress_header=False))
+    after, rep_after = dcz.pack(ck, dcz.PackConfig(header="json"))      # the JSON header's zlib (format 1.1);
+    before, rep_before = dcz.pack(ck, dcz.PackConfig(compress_header=False, header="json"))  # 1.5: bench_size --headers
     dense = rep_after["dense_float32_bytes"]
     layers = rep_after["layers"]
     biases = sum(r["total_bytes"] for r in layers if r["name"].endswith(".bias"))

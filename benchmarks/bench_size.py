@@ -2,6 +2,7 @@
 
     python benchmarks/bench_size.py                       # train, compress, break down
     python benchmarks/bench_size.py --reuse /tmp/dcz-size # re-pack the quantized model kept there
+    python benchmarks/bench_size.py --headers /tmp/dcomp-bench-max   # JSON vs binary header of every .dcz there
 
 Trains LeNet-300-100 on MNIST-10k (../shared/data/mnist10k.npz: 8k train / 2k test real MNIST)
 with `dcomp train`, runs a shortened configs/deep-compression.yaml (same stages and rates, fewer
@@ -309,14 +310,113 @@ def bias_table(ckpt) -> list[str]:
     return rows
 
 
+def _json_header_costs(data: bytes) -> list[tuple[str, int]]:
+    """What each part of a JSON (1.0-1.4) header costs, stored: the zlib size of the header without
+    that part, subtracted from the whole (parts overlap in what zlib shares, so the sum is not exact)."""
+    import zlib
+    from dcomp.formats.dcz import read_header
+    h = read_header(data).h
+
+    def stored(x: dict) -> int:
+        return len(zlib.compress(json.dumps(x, separators=(",", ":")).encode(), 9))
+
+    def streams(x):
+        for t in x["tensors"]:
+            for s in (t.get("gaps"), (t.get("values") or {}).get("indices")):
+                if isinstance(s, dict):
+                    yield s
+
+    base = stored(h)
+
+    def without(edit) -> int:
+        x = json.loads(json.dumps(h))
+        edit(x)
+        return base - stored(x)
+
+    def crcs(x):
+        x["sections"] = [s[:2] for s in x["sections"]]
+
+    def entropy(x):
+        for s in streams(x):
+            s.pop("entropy", None)
+
+    def derivable(x):
+        for s in streams(x):
+            for k in ("bytes", "alphabet", "width"):
+                s.pop(k, None)
+
+    def names_keys(x):   # every key name shortened to one character (what repeated keys cost)
+        def walk(o):
+            if isinstance(o, dict):
+                return {k[:1] + str(i): walk(v) for i, (k, v) in enumerate(o.items())}
+            if isinstance(o, list):
+                return [walk(v) for v in o]
+            return o
+        x.update(walk({k: x.pop(k) for k in list(x)}))
+
+    d = read_header(data)
+    pad = sum(b2 - e1 for (_, e1, _), (b2, _, _) in zip(d.sections, d.sections[1:])) + d.d - 32 - d.stored
+    return [("header as stored (zlib), + 32 B preamble", base + 32),
+            ("per-section CRC32s", without(crcs)),
+            ("per-stream entropy figures", without(entropy)),
+            ("stream fields a reader can compute (bytes, alphabet, width)", without(derivable)),
+            ("data spec", without(lambda x: x.update(data={}))),
+            ("masks + quant records", without(lambda x: x.update(masks={}, quant={}))),
+            ("key names (vs 1-2 character keys)", without(names_keys)),
+            ("8-byte alignment padding (header and sections; not in the header)", pad)]
+
+
+def header_table(folder: Path) -> list[str]:
+    """Every .dcz in ``folder`` with its header as JSON (format 1.0-1.4) and binary (1.5): the same
+    sections re-headered (dcomp.formats.dcz.writer.reheader), decoded and compared bit for bit."""
+    import numpy as np
+    from dcomp.formats.dcz import read_bytes, read_header
+    from dcomp.formats.dcz.spec import _bits
+    from dcomp.formats.dcz.writer import reheader
+    rows = ["| file | 1.4 (JSON): file | header | padding | 1.5 (binary): file | header | padding | file saved "
+            "| tensors bit-identical |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    files = sorted(folder.glob("*.dcz"))
+    for f in files:
+        raw = f.read_bytes()
+        # "before": the file as written by a JSON-header dcomp (entropy figures included)
+        js = raw if not read_header(raw).binary else reheader(raw, "json")
+        bn = reheader(raw, "binary")
+        out = []
+        for d in (js, bn):
+            h = read_header(d)
+            pad = sum(b2 - e1 for (_, e1, _), (b2, _, _) in zip(h.sections, h.sections[1:])) + h.d - 32 - h.stored
+            out.append((len(d), h.d, pad))
+        a, b = read_bytes(js), read_bytes(bn)
+        same = list(a.state_dict) == list(b.state_dict) and all(
+            np.array_equal(_bits(v), _bits(b.state_dict[k])) for k, v in a.state_dict.items())
+        (fj, hj, pj), (fb, hb, pb) = out
+        rows.append(f"| {f.name} | {fj:,} | {hj:,} | {pj} | {fb:,} | {hb:,} | {pb} | {fj - fb:,} ({100 * (fj - fb) / fj:.1f}%) "
+                    f"| {'yes' if same else 'NO'} |")
+    if files:
+        rows += ["", f"What each part of the JSON header of {files[-1].name} costs (bytes, stored):", "",
+                 "| part | bytes |", "|---|---:|"]
+        last = files[-1].read_bytes()
+        rows += [f"| {k} | {v:,} |" for k, v in _json_header_costs(last if not read_header(last).binary
+                                                                   else reheader(last, "json"))]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--headers", metavar="DIR", help="only the header table: every .dcz in DIR with a JSON "
+                                                     "(1.0-1.4) and a binary (1.5) header")
     ap.add_argument("--arch", default="lenet-300-100", choices=sorted(MODELS))
     ap.add_argument("--reuse", help="work directory of an earlier run (skip training)")
     ap.add_argument("--keep", help="keep the work directory here")
     ap.add_argument("--no-bias-table", action="store_true")
     ap.add_argument("--binarisation", action="store_true", help="only the codebook-index binarisation comparison")
     args = ap.parse_args()
+    if args.headers:
+        sys.path.insert(0, str(ROOT))
+        print(f"# .dcz headers, JSON (1.4) vs binary (1.5); load average {os.getloadavg()[0]:.1f}\n")
+        print("\n".join(header_table(Path(args.headers))))
+        return
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))

@@ -170,7 +170,7 @@ def test_auto_picks_cabac_where_smaller_and_the_file_unpacks_bit_exactly():
     ck = _ckpt()
     sizes = {}
     for coder in ("huffman", "rans", "cabac", "auto"):
-        data, report = dcz.pack(ck, dcz.PackConfig(coder=coder))
+        data, report = dcz.pack(ck, dcz.PackConfig(header="json", coder=coder))
         _same(ck, dcz.read_bytes(data))
         sizes[coder] = len(data)
         codings = {report["layers"][0]["gaps"]["coding"], report["layers"][0]["indices"]["coding"]}
@@ -181,19 +181,19 @@ def test_auto_picks_cabac_where_smaller_and_the_file_unpacks_bit_exactly():
         assert report["version"] == ("1.4" if flags & 8 else "1.3" if flags & 4 else "1.2")
     assert report["layers"][0]["gaps"]["coding"] == "cabac"
     assert sizes["auto"] <= min(sizes.values()) and sizes["auto"] < 0.95 * sizes["huffman"]
-    legacy, rep = dcz.pack(ck, dcz.PackConfig(ans=False))          # what --no-ans always meant
+    legacy, rep = dcz.pack(ck, dcz.PackConfig(header="json", ans=False))          # what --no-ans always meant
     assert rep["version"] == "1.2"
 
 
 def test_auto_keeps_cabac_within_its_decode_budget():
     ck = _ckpt()
-    _, rep = dcz.pack(ck, dcz.PackConfig(cabac_budget=0))
+    _, rep = dcz.pack(ck, dcz.PackConfig(header="json", cabac_budget=0))
     assert "cabac" not in {rep["layers"][0]["gaps"]["coding"], rep["layers"][0]["indices"]["coding"]}
     # room for the index stream (5 bins per symbol) but not for the significance map (one bin per element)
     nnz = int(ck.masks["fc.weight"].sum())
-    _, rep = dcz.pack(ck, dcz.PackConfig(cabac_budget=5 * nnz))
+    _, rep = dcz.pack(ck, dcz.PackConfig(header="json", cabac_budget=5 * nnz))
     assert rep["layers"][0]["gaps"]["coding"] != "cabac" and rep["layers"][0]["indices"]["coding"] == "cabac"
-    _, rep = dcz.pack(ck, dcz.PackConfig(coder="cabac", cabac_budget=0))   # forced: no budget
+    _, rep = dcz.pack(ck, dcz.PackConfig(header="json", coder="cabac", cabac_budget=0))   # forced: no budget
     assert rep["layers"][0]["gaps"]["coding"] == "cabac"
 
 
@@ -204,7 +204,7 @@ def test_dense_codebook_tensor_with_cabac_indices():
     ck = Checkpoint(arch={"kind": "zoo", "name": "lenet-300-100", "kwargs": {}},
                     state_dict={"w": cb[a.long()], "b": torch.randn(3, generator=g)}, input_shape=[4], num_classes=3,
                     quant={"w": {"bits": 4, "codebook": cb, "assignments": a}})
-    data, rep = dcz.pack(ck, dcz.PackConfig(coder="cabac"))
+    data, rep = dcz.pack(ck, dcz.PackConfig(header="json", coder="cabac"))
     assert rep["layers"][0]["encoding"] == "codebook" and rep["layers"][0]["indices"]["coding"] == "cabac"
     back = dcz.read_bytes(data)
     assert torch.equal(back.state_dict["w"], ck.state_dict["w"]) and torch.equal(back.quant["w"]["assignments"], a)
@@ -219,7 +219,7 @@ def _edit(data: bytes, fn) -> bytes:
 
 def _cabac_file():
     ck = _ckpt(60, 100)
-    data, _ = dcz.pack(ck, dcz.PackConfig(coder="cabac"))
+    data, _ = dcz.pack(ck, dcz.PackConfig(header="json", coder="cabac"))
     return data
 
 
@@ -249,7 +249,7 @@ def test_flags_bit_3_says_whether_the_file_has_cabac_streams():
     assert flags & 8
     with pytest.raises(E.BadRecord, match="flags bit 3 is clear"):
         dcz.read_bytes(targets.frame(h, area, flags & ~8), "m.dcz")
-    plain, _ = dcz.pack(_ckpt(60, 100), dcz.PackConfig(coder="huffman"))
+    plain, _ = dcz.pack(_ckpt(60, 100), dcz.PackConfig(header="json", coder="huffman"))
     h, area, flags = targets.split(plain)
     with pytest.raises(E.BadRecord, match="no stream is cabac-coded"):
         dcz.read_bytes(targets.frame(h, area, flags | 8), "m.dcz")
@@ -285,10 +285,13 @@ def test_pack_coder_flags(tmp_path):
 
     src = tmp_path / "q.pt"
     src.write_bytes(_ckpt(60, 100).to_bytes())
-    r = CliRunner().invoke(app, ["pack", str(src), "-o", str(tmp_path / "c.dcz"), "--coder", "cabac"])
+    r = CliRunner().invoke(app, ["pack", str(src), "-o", str(tmp_path / "c.dcz"), "--coder", "cabac", "--header", "json"])
     assert r.exit_code == 0, r.output
     assert struct.unpack_from("<H", (tmp_path / "c.dcz").read_bytes(), 10)[0] == 4
-    r = CliRunner().invoke(app, ["pack", str(src), "-o", str(tmp_path / "h.dcz"), "--no-ans"])
+    r = CliRunner().invoke(app, ["pack", str(src), "-o", str(tmp_path / "b.dcz"), "--coder", "cabac"])
+    minor, flags = struct.unpack_from("<HHI", (tmp_path / "b.dcz").read_bytes(), 8)[1:]
+    assert r.exit_code == 0 and minor == 5 and flags & 24 == 24    # binary header (bit 4), cabac (bit 3)
+    r = CliRunner().invoke(app, ["pack", str(src), "-o", str(tmp_path / "h.dcz"), "--no-ans", "--header", "json"])
     assert r.exit_code == 0 and struct.unpack_from("<H", (tmp_path / "h.dcz").read_bytes(), 10)[0] == 2
     r = CliRunner().invoke(app, ["pack", str(src), "-o", str(tmp_path / "x.dcz"), "--no-ans", "--coder", "cabac"])
     assert r.exit_code == 2 and "--no-ans" in r.output
@@ -304,7 +307,7 @@ def test_importing_dcz_and_inspecting_a_file_does_not_import_torch(tmp_path):
     import sys
 
     f = tmp_path / "m.dcz"
-    f.write_bytes(dcz.pack(_ckpt(60, 100))[0])
+    f.write_bytes(dcz.pack(_ckpt(60, 100))[0])      # the default: a 1.5 binary header
     code = ("import sys, dcomp.formats.dcz as d\n"
             "assert 'torch' not in sys.modules, 'import'\n"
             f"info = d.inspect_bytes(open({str(f)!r}, 'rb').read())\n"

@@ -144,7 +144,9 @@ def test_torchscript_archive_goes_in_a_raw_section():
     archive = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
     ck = make_ckpt({k: v.detach() for k, v in m.state_dict().items()}, arch={"kind": "torchscript", "archive": archive})
     data, _, back = roundtrip(ck)
-    assert b'"archive":{"section"' in header_json(data)
+    assert dcz.read_header(data).h["arch"]["archive"]["section"] == len(dcz.read_header(data).sections) - 1
+    data_json, _, _ = roundtrip(ck, header="json")
+    assert b'"archive":{"section"' in header_json(data_json)
     with pytest.raises(DcompError, match="TorchScript.*--trust-pickle"):  # code from the file: never by default
         back.build_model()
     assert isinstance(back.build_model(trust_pickle=True), torch.nn.Module)
@@ -324,7 +326,7 @@ CASES = {
     "too small": (GOOD[:20], "shorter than the 32-byte preamble"),
     "wrong magic": (b"PK\x03\x04" + GOOD[4:], "wrong magic"),
     "version": (frame(base_header([RAW]), [bytes(8)], major=2), "unsupported .dcz version 2"),
-    "flags": (frame(base_header([RAW]), [bytes(8)], flags=16), "unknown flag bit 4 set"),   # bit 2: rANS (1.3), bit 3: cabac (1.4)
+    "flags": (frame(base_header([RAW]), [bytes(8)], flags=32), "unknown flag bit 5 set"),   # bit 2: rANS (1.3), bit 3: cabac (1.4), bit 4: binary header (1.5)
     "flag bit 31": (_zframe(flags=1 | 1 << 31), "unknown flag bit 31 set"),
     "zheader size zero": (_zframe(usize=0), "decompressed header size 0 stated in the preamble"),
     "zheader size over cap": (_zframe(usize=(1 << 27) + 1), "decompressed header size 134217729"),
@@ -389,11 +391,11 @@ def test_compressed_header_round_trip_and_size():
     ck = make_ckpt({"fc.weight": w, "fc.bias": torch.randn(60, generator=g)}, {"fc.weight": m}, {"fc.weight": q})
     for i in range(6):  # a long provenance, as after a recipe run (NaN included)
         ck.add_provenance(f"stage{i}", {"lr": 0.01 * i, "epochs": i}, {"top1": 97.123456789 - i, "loss": float("nan")})
-    data, report, _ = roundtrip(ck)
+    data, report, _ = roundtrip(ck, header="json")      # the JSON header (1.1-1.4); 1.5: test_dcz_binary.py
     major, minor, flags, hlen, _, usize = struct.unpack_from("<HHIQII", data, 8)
-    assert major == 1 and flags & 1 and minor == (4 if flags & 8 else 3 if flags & 4 else 2)
+    assert major == 1 and flags & 1 and minor == (5 if flags & 16 else 4 if flags & 8 else 3 if flags & 4 else 2)
     assert report["header_compressed"] and report["header_stored_bytes"] == hlen < usize == report["header_json_bytes"]
-    plain, plain_report, _ = roundtrip(ck, compress_header=False)
+    plain, plain_report, _ = roundtrip(ck, compress_header=False, header="json")
     assert struct.unpack_from("<IQI", plain, 12)[0] & 1 == 0 and struct.unpack_from("<I", plain, 28)[0] == 0
     assert not plain_report["header_compressed"] and plain_report["header_json_bytes"] == usize
     assert header_json(data) == header_json(plain)  # the same JSON, only stored differently
@@ -404,7 +406,7 @@ def test_compressed_header_round_trip_and_size():
 
 def test_tiny_header_stays_uncompressed_when_zlib_does_not_help(monkeypatch):
     monkeypatch.setattr(dcz.zlib, "compress", lambda b, level=9: b + b"pad")
-    data, report, _ = roundtrip(make_ckpt({"w": torch.ones(2)}))
+    data, report, _ = roundtrip(make_ckpt({"w": torch.ones(2)}), header="json")   # 1.5: test_dcz_binary.py
     assert struct.unpack_from("<I", data, 12)[0] & 1 == 0 and not report["header_compressed"]
 
 
@@ -452,10 +454,10 @@ def _sample_file() -> bytes:
     w, m, q = quantized((30, 40), 0.2, 3, g)
     return dcz.write_bytes(make_ckpt({"a.weight": w, "a.bias": torch.randn(30, generator=g),
                                        "c.weight": torch.randn(4, 2, 3, 3, generator=g) * (torch.rand(4, 2, 3, 3, generator=g) < 0.2)},
-                                      {"a.weight": m}, {"a.weight": q}))
+                                      {"a.weight": m}, {"a.weight": q}), dcz.PackConfig(header="json"))
 
 
-SAMPLE = _sample_file()
+SAMPLE = _sample_file()   # a JSON-header (1.4) file: these tests mutate its JSON
 
 
 def _decode_only_format_errors(data: bytes):

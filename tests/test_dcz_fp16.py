@@ -21,9 +21,8 @@ CORPUS = Path(__file__).parent / "data" / "dcz_corpus"
 
 
 def header(data: bytes) -> dict:
-    from tests.test_dcz import header_json
-
-    return json.loads(header_json(data))
+    """The logical header (from JSON or from the 1.5 binary table)."""
+    return dcz.read_header(data).h
 
 
 def flags(data: bytes) -> int:
@@ -56,7 +55,7 @@ def test_property_fp16_representable_is_stored_as_float16(bits, spoil, quant, se
     assert rows["l.bias"]["stored_dtype"] == "float16" and rows["l.bias"]["dtype"] == "float32"
     assert rows["l.weight"]["stored_dtype"] == "float16"
     f = flags(data)
-    assert f & 2 and struct.unpack_from("<H", data, 10)[0] == (4 if f & 8 else 3 if f & 4 else 2)
+    assert f & 2 and struct.unpack_from("<H", data, 10)[0] == (5 if f & 16 else 4 if f & 8 else 3 if f & 4 else 2)
 
     # one value that float16 cannot hold keeps the whole tensor float32
     b2 = b.clone()

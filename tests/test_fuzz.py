@@ -17,7 +17,7 @@ from fuzzing import targets
 CORPUS = Path(__file__).parent / "data" / "fuzz-corpus"
 BUDGET = {"dcz_decode": 200, "dcz_header_decode": 150, "huffman_decode": 150, "checkpoint_decode": 60,
           "checkpoint_dict_decode": 25, "huffman_round_trip": 40, "pack_round_trip": 15, "cabac_decode": 200,
-          "cabac_round_trip": 30}
+          "cabac_round_trip": 30, "dcz_binary_decode": 250, "dcz_binary_round_trip": 25}
 
 
 def run_bounded(fn, data: bytes) -> None:

@@ -99,7 +99,7 @@ def _ckpt() -> Checkpoint:
 
 def _ans_file():
     ck = _ckpt()
-    data, report = dcz.pack(ck, dcz.PackConfig(coder="rans"))   # the default (auto) may choose cabac
+    data, report = dcz.pack(ck, dcz.PackConfig(header="json", coder="rans"))   # the default (auto) may choose cabac
     return ck, data, report
 
 
@@ -107,7 +107,7 @@ def test_writer_picks_rans_when_smaller_and_the_file_round_trips():
     ck, data, report = _ans_file()
     row = report["layers"][0]
     assert row["indices"]["coding"] == "ans" and report["version"] == "1.3"
-    huff, hreport = dcz.pack(ck, dcz.PackConfig(ans=False))
+    huff, hreport = dcz.pack(ck, dcz.PackConfig(header="json", ans=False))
     assert hreport["version"] == "1.2" and hreport["layers"][0]["indices"]["coding"] == "huffman"
     assert len(data) < len(huff)
     back = dcz.read_bytes(data)
@@ -180,7 +180,7 @@ def test_flags_bit_2_says_whether_the_file_has_rans_streams():
     h, area, flags = targets.split(data)
     with pytest.raises(E.BadRecord, match="flags bit 2 is clear"):
         dcz.read_bytes(targets.frame(h, area, flags & ~4), "m.dcz")
-    plain, _ = dcz.pack(_ckpt(), dcz.PackConfig(ans=False))
+    plain, _ = dcz.pack(_ckpt(), dcz.PackConfig(header="json", ans=False))
     assert not struct.unpack_from("<I", plain, 12)[0] & 4
     h, area, flags = targets.split(plain)
     with pytest.raises(E.BadRecord, match="no stream is rANS-coded"):
@@ -194,7 +194,7 @@ def test_gap_stream_count_is_bounded_by_the_tensor():
     w = torch.randn(200, 300, generator=g) * (torch.rand(200, 300, generator=g) < 0.7)   # gaps mostly 1: rANS
     ck = Checkpoint(arch={"kind": "zoo", "name": "lenet-300-100", "kwargs": {}}, state_dict={"w": w},
                     input_shape=[1, 8, 8], num_classes=10)
-    data, report = dcz.pack(ck, dcz.PackConfig(coder="rans"))
+    data, report = dcz.pack(ck, dcz.PackConfig(header="json", coder="rans"))
     assert report["layers"][0]["gaps"]["coding"] == "ans"
     assert torch.equal(dcz.read_bytes(data).state_dict["w"], w)
     bad = _edit(data, lambda h, area: h["tensors"][0]["gaps"].__setitem__("count", 200 * 300 + 1))

@@ -40,6 +40,10 @@ class PackConfig(BaseModel):
     block: int = Field(hf.DEFAULT_BLOCK, description="symbols per Huffman block")
     verify: bool = Field(True, description="decode the packed bytes and compare bit for bit")
     compress_header: bool = Field(True, description="store the header JSON zlib-compressed when that is smaller")
+    header: Literal["binary", "json"] = Field(
+        "binary", description="header form: 'binary' (format 1.5: a byte table of varints and enums, one CRC32 for "
+                              "the data area, sections unpadded in small files; ~0.3 KB on LeNet-5 against ~1 KB) or "
+                              "'json' (the JSON header of formats 1.0-1.4, for dcomp releases before 1.5)")
     provenance: Literal["full", "brief", "none"] = Field(
         "brief", description="provenance kept in the header: 'full' (every stage's params and metrics), 'brief' "
                              "(stage names and scalar params: what was done, at a fraction of the bytes; the "

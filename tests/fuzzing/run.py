@@ -27,7 +27,8 @@ ROOT = HERE.parent.parent
 CORPUS = ROOT / "tests" / "data" / "fuzz-corpus"
 BUDGET = {"dcz_decode": 400_000, "dcz_header_decode": 150_000, "huffman_decode": 250_000,
           "checkpoint_decode": 150_000, "checkpoint_dict_decode": 20_000, "huffman_round_trip": 20_000,
-          "pack_round_trip": 10_000, "cabac_decode": 200_000, "cabac_round_trip": 10_000}
+          "pack_round_trip": 10_000, "cabac_decode": 200_000, "cabac_round_trip": 10_000,
+          "dcz_binary_decode": 200_000, "dcz_binary_round_trip": 5_000}
 
 
 def child(name: str, runs: int) -> None:

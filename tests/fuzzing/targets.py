@@ -88,8 +88,10 @@ def _seed_checkpoint(seed: int = 0) -> Checkpoint:
 @functools.lru_cache(maxsize=None)
 def seed_files() -> tuple[bytes, ...]:
     ck = _seed_checkpoint()
-    return (dcz.write_bytes(ck), dcz.write_bytes(ck, dcz.PackConfig(huffman=False, compress_header=False)),
-            dcz.write_bytes(ck, dcz.PackConfig(block=4, fp16_exact=False)))
+    # JSON-header (1.0-1.4) files: mutate_dcz edits their JSON (binary_targets.py mutates 1.5 headers)
+    return (dcz.write_bytes(ck, dcz.PackConfig(header="json")),
+            dcz.write_bytes(ck, dcz.PackConfig(huffman=False, compress_header=False, header="json")),
+            dcz.write_bytes(ck, dcz.PackConfig(block=4, fp16_exact=False, header="json")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -412,4 +414,8 @@ from fuzzing import cabac_targets  # noqa: E402  (imports Choices from this modu
 
 DECODE["cabac_decode"] = cabac_targets.cabac_decode
 ROUND_TRIP["cabac_round_trip"] = cabac_targets.cabac_round_trip
+from fuzzing import binary_targets  # noqa: E402
+
+DECODE["dcz_binary_decode"] = binary_targets.dcz_binary_decode
+ROUND_TRIP["dcz_binary_round_trip"] = binary_targets.dcz_binary_round_trip
 TARGETS = {**DECODE, **ROUND_TRIP}

@@ -4,6 +4,7 @@ The layout is specified in docs/FORMAT.md; the modules follow it part by part:
 
     spec.py     constants of the layout, dtypes, element bits, float16 narrowing, the gap stream
     header.py   preamble, (compressed) header JSON, schema, section table (checks 1-10)
+    compact.py  the binary header of format 1.5 (check 8 for such files): to and from the logical header
     claims.py   every record against the section table and the limits, before any allocation (check 11)
     reader.py   CRCs and decoding into a Checkpoint (checks 12-13)
     kernels.py  the optional numba kernel for sparse codebook tensors
@@ -22,7 +23,7 @@ the reference. Nothing is unpickled or run from the file.
 import zlib  # noqa: F401  (tests patch dcz.zlib)
 
 from dcomp.formats.dcz.spec import (  # noqa: F401
-    ALIGN, DEFAULT_MAX_BYTES, DTYPES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, KNOWN_FLAGS, MAJOR, MAX_HEADER,
+    ALIGN, DEFAULT_MAX_BYTES, DTYPES, FLAG_ANS, FLAG_BINARY, FLAG_CABAC, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, KNOWN_FLAGS, MAJOR, MAX_HEADER,
     MINOR, PREAMBLE, SIZES, STORED_DTYPES, _align, _bits, _from_bits, _half_bits, _is_int, _numel, _widen,
     gap_positions, gap_symbols)
 from dcomp.formats.dcz.header import _check_schema, _fail, _Header, _inflate_header, read_header  # noqa: F401
@@ -33,7 +34,7 @@ from dcomp.formats.dcz.summary import inspect_bytes  # noqa: F401
 # writing need torch, so those names load their modules on first use (PEP 562): importing this
 # package does not import torch (dcomp inspect / info answer without it).
 _LAZY = {"read_bytes": "reader", "PackConfig": "writer", "PackResult": "writer", "apply_pack": "writer",
-         "pack": "writer", "write_bytes": "writer", "provenance_for": "writer"}
+         "pack": "writer", "write_bytes": "writer", "provenance_for": "writer", "reheader": "writer"}
 
 
 def __getattr__(name: str):

@@ -10,6 +10,7 @@ from dcomp.compressors import cabac
 from dcomp.compressors import huffman as hf
 from dcomp.formats import limits as _limits
 from dcomp.formats.dcz import errors as E
+from dcomp.formats.dcz.compact import printable
 from dcomp.formats.dcz.header import _fail, _Header
 from dcomp.formats.dcz.spec import SIZES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DTYPE, FLOATS, STORED_DTYPES, _numel
 
@@ -107,7 +108,7 @@ class _Reader:
 
     def tensor(self, t: dict) -> None:
         name, dt, shape, enc = t["name"], t["dtype"], t["shape"], t["encoding"]
-        what = f"tensor {name}"
+        what = f"tensor {printable(name)}"
         numel = _numel(shape)
         size = SIZES[dt]
         if enc == "raw":
@@ -164,7 +165,7 @@ def _check_claims(data: bytes, hdr: _Header, source: str, max_bytes: int | None 
     for t in h["tensors"]:
         rd.tensor(t)
     for name, m in h["masks"].items():
-        what = f"mask {name}"
+        what = f"mask {printable(name)}"
         if m["encoding"] == "support":
             if byname.get(name, {}).get("encoding") not in ("sparse", "codebook"):
                 raise rd.fail(what, "a 'support' mask needs a sparse or codebook tensor of the same name")
@@ -174,7 +175,7 @@ def _check_claims(data: bytes, hdr: _Header, source: str, max_bytes: int | None 
             rd.section(m["section"], what, (numel + 7) // 8)
             rd.claim(what, numel)
     for name, q in h["quant"].items():
-        what = f"quant {name}"
+        what = f"quant {printable(name)}"
         t = byname.get(name)
         shared = t is not None and t["encoding"] != "raw" and t["values"]["kind"] == "codebook"
         for key in ("codebook", "assignments"):

@@ -45,6 +45,10 @@ class HeaderNotJson(DczError):        # 8: UTF-8 / JSON / top-level object
     check = 8
 
 
+class BadBinaryHeader(DczError):      # 8 (format 1.5): the binary header's structure
+    check = 8
+
+
 class BadHeaderField(DczError):       # 9: schema: a field's presence, type or range
     check = 9
 

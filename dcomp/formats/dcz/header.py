@@ -17,7 +17,8 @@ from dcomp.compressors import huffman as hf
 from dcomp.formats import DCZ_MAGIC
 from dcomp.formats import limits as _limits
 from dcomp.formats.dcz import errors as E
-from dcomp.formats.dcz.spec import (DTYPES, FLAG_ZHEADER, KNOWN_FLAGS, MAJOR, MAX_HEADER, PREAMBLE, _align,
+from dcomp.formats.dcz import compact
+from dcomp.formats.dcz.spec import (DTYPES, FLAG_BINARY, FLAG_ZHEADER, KNOWN_FLAGS, MAJOR, MAX_HEADER, PREAMBLE, _align,
                                     _is_int)
 
 MAX_DIMS = 32
@@ -25,15 +26,21 @@ MAX_DIM = 1 << 62       # any single dimension or count: keeps every product wit
 
 
 class _Header:
-    def __init__(self, h: dict, data_start: int, sections: list[tuple[int, int, int]],
-                 stored: int = 0, json_bytes: int = 0, compressed: bool = False, flags: int = 0):
+    def __init__(self, h: dict, data_start: int, sections: list[tuple[int, int, int | None]],
+                 stored: int = 0, json_bytes: int = 0, compressed: bool = False, flags: int = 0,
+                 data_crc: int | None = None):
         self.h = h
         self.d = data_start
-        self.sections = sections
+        self.sections = sections        # (begin, end, crc32) in file offsets; crc None in format 1.5
         self.stored = stored            # header bytes as stored in the file
-        self.json_bytes = json_bytes    # header JSON bytes (after decompression)
+        self.json_bytes = json_bytes    # header bytes after decompression (JSON, or the 1.5 binary table)
         self.compressed = compressed
         self.flags = flags
+        self.data_crc = data_crc        # format 1.5: CRC32 of the whole data area (one for all sections)
+
+    @property
+    def binary(self) -> bool:
+        return bool(self.flags & FLAG_BINARY)
 
 
 def _fail(source: str, msg: str, cls: type[E.DczError] = E.DczError) -> E.DczError:
@@ -74,7 +81,9 @@ def read_header(data: bytes, source: str = "input", limits: _limits.Limits | Non
     if zlib.crc32(raw) != hcrc:
         raise _fail(source, "header checksum mismatch (corrupt file)", E.HeaderChecksum)
     if compressed:
-        raw = _inflate_header(raw, usize, source)
+        raw = _inflate_header(raw, usize, source, compact.ZDICT if flags & FLAG_BINARY else None)
+    if flags & FLAG_BINARY:
+        return _read_binary(data, raw, hlen, compressed, flags, source, lim)
     try:
         h = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -105,9 +114,38 @@ def read_header(data: bytes, source: str = "input", limits: _limits.Limits | Non
     return _Header(h, d, secs, stored=hlen, json_bytes=len(raw), compressed=compressed, flags=flags)
 
 
-def _inflate_header(raw: bytes, usize: int, source: str) -> bytes:
-    """Decompress a zlib-stored header, never producing more than ``usize + 1`` bytes."""
-    z = zlib.decompressobj()
+def _read_binary(data: bytes, raw: bytes, hlen: int, compressed: bool, flags: int, source: str,
+                 lim: _limits.Limits) -> _Header:
+    """Checks 8-10 for a format 1.5 file: the binary table, the schema of the header it holds, and
+    the sections laid out from their lengths (contiguous, each at a multiple of 2^align)."""
+    n = len(data)
+    h, a, crc, lengths = compact.decode(bytes(raw), source)
+    _check_schema(h, source, lim)
+    d = compact._align(PREAMBLE + hlen, a)
+    if d > n or any(data[PREAMBLE + hlen:d]):
+        raise _fail(source, "padding after the header is missing or not zero", E.BadSectionTable)
+    secs = []
+    pos = d
+    for i, ln in enumerate(lengths):
+        b = compact._align(pos, a) if i else pos
+        if b + ln > n:
+            raise _fail(source, f"section table: section {i} ends at byte {b + ln}, past the end of the {n}-byte "
+                                "file (truncated)", E.BadSectionTable)
+        if any(data[pos:b]):
+            raise _fail(source, f"section table: padding before section {i} is not zero", E.BadSectionTable)
+        secs.append((b, b + ln, None))
+        pos = b + ln
+    if pos != n:
+        raise _fail(source, f"section table: file is {n} bytes but the sections end at {pos} (truncated or "
+                            "trailing bytes)", E.BadSectionTable)
+    h["sections"] = [[b - d, e - d, None] for b, e, _ in secs]
+    return _Header(h, d, secs, stored=hlen, json_bytes=len(raw), compressed=compressed, flags=flags, data_crc=crc)
+
+
+def _inflate_header(raw: bytes, usize: int, source: str, zdict: bytes | None = None) -> bytes:
+    """Decompress a zlib-stored header, never producing more than ``usize + 1`` bytes. ``zdict``: the
+    preset dictionary a 1.5 header's stream may name (a stream naming another one is corrupt)."""
+    z = zlib.decompressobj() if zdict is None else zlib.decompressobj(zdict=zdict)
     try:
         out = z.decompress(raw, usize + 1)
     except zlib.error as e:
@@ -256,9 +294,9 @@ def _check_schema(h: dict, source: str, lim: _limits.Limits | None = None) -> No
         S.dict_(t, p)
         name = S.str_(t.get("name"), f"{p}.name")
         if name in names:
-            raise S.bad(p, f"duplicate tensor name {name[:80]}")
+            raise S.bad(p, f"duplicate tensor name {compact.printable(name)}")
         names.add(name)
-        S.ctx = f" (tensor {name[:80]})"
+        S.ctx = f" (tensor {compact.printable(name)})"
         S.str_(t.get("dtype"), f"{p}.dtype", DTYPES)
         S.shape(t.get("shape"), f"{p}.shape")
         enc = S.str_(t.get("encoding"), f"{p}.encoding", ("raw", "sparse", "codebook"))
@@ -279,13 +317,13 @@ def _check_schema(h: dict, source: str, lim: _limits.Limits | None = None) -> No
             S.stream(v.get("indices"), f"{p}.values.indices")
     S.ctx = ""
     for name, m in h["masks"].items():
-        p = f"masks[{name[:80]!r}]"
+        p = f"masks[{compact.printable(name)!r}]"
         S.dict_(m, p)
         if S.str_(m.get("encoding"), f"{p}.encoding", ("support", "bitmap")) == "bitmap":
             S.section_ref(m, p)
             S.shape(m.get("shape"), f"{p}.shape")
     for name, q in h["quant"].items():
-        p = f"quant[{name[:80]!r}]"
+        p = f"quant[{compact.printable(name)!r}]"
         S.dict_(q, p)
         if "bits" in q:
             S.int_(q["bits"], f"{p}.bits", 1, 16)

@@ -16,6 +16,7 @@ from dcomp.formats import limits as _limits
 from dcomp.formats.dcz import errors as E
 from dcomp.formats.dcz import kernels
 from dcomp.formats.dcz.claims import _check_claims
+from dcomp.formats.dcz.compact import printable
 from dcomp.formats.dcz.header import _fail, read_header
 from dcomp.formats.dcz.spec import DTYPES, _from_bits, _numel, _widen, gap_positions
 
@@ -32,7 +33,12 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int | None = None,
     hdr = read_header(data, source, lim)
     rd = _check_claims(data, hdr, source, max_bytes, lim)
     h = hdr.h
-    for i, (b, e, crc) in enumerate(hdr.sections):
+    if hdr.data_crc is not None:      # format 1.5: one CRC32 for the whole data area
+        if zlib.crc32(memoryview(data)[hdr.d:]) != hdr.data_crc:
+            raise _fail(source, f"data area checksum mismatch (corrupt file: some byte of the {len(hdr.sections)} "
+                                "sections changed; a 1.5 file has one CRC32 for all of them, so which one is not "
+                                "known)", E.SectionChecksum)
+    for i, (b, e, crc) in enumerate(hdr.sections if hdr.data_crc is None else ()):
         if zlib.crc32(memoryview(data)[b:e]) != crc:
             raise _fail(source, f"section {i} ({rd.used.get(i, 'unused')}) checksum mismatch (corrupt file)",
                         E.SectionChecksum)
@@ -43,11 +49,11 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int | None = None,
             numel = _numel(t["shape"])
             items.append((t["gaps"], rd.sec_bytes(t["gaps"]["section"]),
                           (numel, matrix_cols(t["shape"]), t["index_bits"])))
-            owners.append(t["name"])
+            owners.append(printable(t["name"]))
         if t["encoding"] != "raw" and t["values"]["kind"] == "codebook":
             s = t["values"]["indices"]
             items.append((s, rd.sec_bytes(s["section"])))
-            owners.append(t["name"])
+            owners.append(printable(t["name"]))
     try:
         decoded = hf.decode_streams(items)
     except hf.StreamError as e:
@@ -64,7 +70,7 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int | None = None,
         name, dt, shape = t["name"], t["dtype"], t["shape"]
         size = DTYPES[dt][1]
         numel = _numel(shape)
-        what = f"tensor {name}"
+        what = f"tensor {printable(name)}"
         if t["encoding"] == "raw":
             arr = _widen(rd.sec_bytes(t["section"]), t.get("stored_dtype", dt), dt)
             if dt == "bool" and arr.size and (arr.view(np.uint8) > 1).any():
@@ -125,7 +131,7 @@ def read_bytes(data: bytes, source: str = "input", max_bytes: int | None = None,
             raw = np.frombuffer(rd.sec_bytes(m["section"]), dtype=np.uint8)
             bits = np.unpackbits(raw)
             if bits[numel:].any():
-                raise rd.fail_decode(f"mask {name}", "padding bits of the bitmap are not zero")
+                raise rd.fail_decode(f"mask {printable(name)}", "padding bits of the bitmap are not zero")
             masks[name] = torch.from_numpy(bits[:numel].astype(bool)).reshape(m["shape"])
     quant = {}
     for name, q in h["quant"].items():
@@ -184,11 +190,11 @@ def _assemble_fused(t, gsyms, idx, rd, h, state_dict, fused_masks, fused_assign)
     else:
         assign = np.zeros(0, dtype=np.uint8)
     if t["nnz"] != len(idx):
-        raise rd.fail_decode(f"tensor {name}", f"index stream holds {len(idx)} values, header says nnz {t['nnz']}")
+        raise rd.fail_decode(f"tensor {printable(name)}", f"index stream holds {len(idx)} values, header says nnz {t['nnz']}")
     status = kernels._assemble_kernel()(gsyms, (1 << t["index_bits"]) - 1, numel, idx, cb, out, mask, want_mask,
                                 assign, want_assign)
     if status:
-        raise rd.fail_decode(f"tensor {name}", {
+        raise rd.fail_decode(f"tensor {printable(name)}", {
             1: "relative indices run past the end of the tensor",
             2: "relative indices stop short of the tensor's end",
             3: f"relative indices do not list exactly nnz={t['nnz']} values",

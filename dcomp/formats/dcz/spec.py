@@ -17,14 +17,15 @@ from dcomp.errors import FormatError
 if TYPE_CHECKING:  # torch is imported only where tensors are made (reading a header needs none)
     import torch
 
-MAJOR, MINOR = 1, 4          # 1.4: "cabac" streams, 1.3: "ans" streams; a file is written with the lowest that fits
+MAJOR, MINOR = 1, 5          # 1.5: binary header, 1.4: "cabac" streams, 1.3: "ans" streams
 PREAMBLE = 32
 MAX_HEADER = 1 << 27          # limit for the header as stored and, when compressed, as decompressed
 FLAG_ZHEADER = 1              # flags bit 0: the header is a zlib stream (format 1.1)
 FLAG_STORED_DTYPE = 2         # flags bit 1: some record has "stored_dtype" (float32 kept as float16, format 1.2)
 FLAG_ANS = 4                  # flags bit 2: some stream is rANS-coded, "coding": "ans" (format 1.3)
 FLAG_CABAC = 8               # flags bit 3: some stream is context-adaptive arithmetic coded, "coding": "cabac" (format 1.4)
-KNOWN_FLAGS = FLAG_ZHEADER | FLAG_STORED_DTYPE | FLAG_ANS | FLAG_CABAC
+FLAG_BINARY = 16              # flags bit 4: the header is the binary table of format 1.5 (dcomp/formats/dcz/compact.py)
+KNOWN_FLAGS = FLAG_ZHEADER | FLAG_STORED_DTYPE | FLAG_ANS | FLAG_CABAC | FLAG_BINARY
 STORED_DTYPES = {"float32": ("float16",)}   # declared dtype -> narrower dtypes a payload may be stored in
 ALIGN = 8
 DEFAULT_MAX_BYTES = 1 << 34   # refuse files that would decode to more than 16 GiB

@@ -85,7 +85,8 @@ def inspect_bytes(data: bytes, source: str = "input", limits: _limits.Limits | N
     return {"source": source, "version": f"{MAJOR}.{struct.unpack_from('<H', data, 10)[0]}",
             "dcomp_version": h.get("dcomp_version"), "arch": {k: v for k, v in h["arch"].items() if k != "archive"},
             "file_bytes": file_bytes, "header_bytes": hdr.d, "header_json_bytes": hdr.json_bytes,
-            "header_stored_bytes": hdr.stored, "header_compressed": hdr.compressed, "sections": len(hdr.sections),
+            "header_stored_bytes": hdr.stored, "header_compressed": hdr.compressed,
+            "header_format": "binary" if hdr.binary else "json", "sections": len(hdr.sections),
             "dense_float32_bytes": dense, "ratio": dense / file_bytes if file_bytes else None,
             "params": sum(r["numel"] for r in rows),
             "decoded_bytes": rd.total, "max_decoded": lim.decoded(), "layers": rows, "provenance_stages": [p.get("stage") for p in h["provenance"] if isinstance(p, dict)]}

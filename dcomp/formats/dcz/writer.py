@@ -19,7 +19,8 @@ from dcomp.errors import FormatError
 from dcomp.formats import DCZ_MAGIC
 from dcomp.formats.checkpoint import Checkpoint
 from dcomp.formats.dcz.reader import read_bytes
-from dcomp.formats.dcz.spec import (DTYPES, FLAG_ANS, FLAG_CABAC, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, MAJOR, _align,
+from dcomp.formats.dcz import compact
+from dcomp.formats.dcz.spec import (DTYPES, FLAG_ANS, FLAG_BINARY, FLAG_CABAC, FLAG_STORED_DTYPE, FLAG_ZHEADER, FLOATS, MAJOR, _align,
                                     _bits, _dtype_name, _half_bits, _name_of, gap_symbols)
 from dcomp.formats.dcz.summary import inspect_bytes
 
@@ -317,31 +318,53 @@ def pack(ckpt: Checkpoint, cfg: PackConfig | None = None) -> tuple[bytes, dict]:
         "provenance": _json_plain(provenance_for(ckpt.provenance, cfg.provenance, cfg.keep_times), "provenance"),
         "sections": [], "tensors": tensors, "masks": masks, "quant": quant,
     }
-    offset = 0
-    for part in sec.parts:
-        header["sections"].append([offset, offset + len(part), zlib.crc32(part)])
-        offset = _align(offset + len(part))
-    hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    stored, usize = hjson, 0
     flags = (FLAG_STORED_DTYPE if sec.narrowed else 0) | (FLAG_ANS if sec.ans else 0) | (FLAG_CABAC if sec.cabac else 0)
+    if cfg.header == "binary":
+        # format 1.5: the binary header; sections contiguous, aligned only in large files (docs/FORMAT.md)
+        align = BINARY_ALIGN if sum(len(p) for p in sec.parts) >= BINARY_ALIGN_FROM else 0
+        body, parts = compact.encode(header, sec.parts, align)
+        flags |= FLAG_BINARY
+        minor = 5
+    else:
+        align = 3
+        parts = sec.parts
+        offset = 0
+        for part in parts:
+            header["sections"].append([offset, offset + len(part), zlib.crc32(part)])
+            offset = _align(offset + len(part))
+        body = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        minor = 4 if sec.cabac else 3 if sec.ans else 2
+    stored, usize = body, 0
     if cfg.compress_header:
-        z = zlib.compress(hjson, 9)
-        if len(z) < len(hjson):
-            stored, flags, usize = z, flags | FLAG_ZHEADER, len(hjson)
-    pre = DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, 4 if sec.cabac else 3 if sec.ans else 2, flags, len(stored), zlib.crc32(stored), usize)
+        z = compact.compress(body) if cfg.header == "binary" else zlib.compress(body, 9)
+        if len(z) < len(body):
+            stored, flags, usize = z, flags | FLAG_ZHEADER, len(body)
+    pre = DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, minor, flags, len(stored), zlib.crc32(stored), usize)
     out = bytearray(pre + stored)
-    out += b"\0" * (_align(len(out)) - len(out))
-    for i, part in enumerate(sec.parts):
+    out += b"\0" * (compact._align(len(out), align) - len(out))
+    for i, part in enumerate(parts):
         out += part
-        if i + 1 < len(sec.parts):
-            out += b"\0" * (_align(len(out)) - len(out))
+        if i + 1 < len(parts):
+            out += b"\0" * (compact._align(len(out), align) - len(out))
     data = bytes(out)
     if cfg.verify:
         _verify(ckpt, read_bytes(data, source="packed bytes"))
-    return data, inspect_bytes(data, source="packed bytes")
+    report = inspect_bytes(data, source="packed bytes")
+    # a 1.5 header stores no entropies (a reader can compute them from the symbols): the writer knows them
+    byname = {t["name"]: t for t in tensors}
+    for row in report["layers"]:
+        t = byname[row["name"]]
+        for key, s in (("gaps", t.get("gaps")), ("indices", (t.get("values") or {}).get("indices"))):
+            st = row.get(key)
+            if st is not None and st.get("entropy") is None and isinstance(s, dict) and s.get("entropy"):
+                st["entropy"] = s["entropy"]
+                st["over_entropy"] = st["bits_per_symbol"] / s["entropy"] - 1
+    return data, report
 
 
 BRIEF_STR = 40   # longest string param a brief provenance keeps
+BINARY_ALIGN = 3                 # format 1.5: sections of large files start at multiples of 8 bytes...
+BINARY_ALIGN_FROM = 1 << 20      # ...when the sections hold at least 1 MiB (padding is then < 0.1%)
 
 
 def provenance_for(prov: list, mode: str = "full", keep_times: bool = False) -> list:
@@ -413,3 +436,46 @@ def _verify(ckpt: Checkpoint, back: Checkpoint) -> None:
         for k in ("codebook", "assignments"):
             if isinstance(q.get(k), torch.Tensor) and not _same(q[k], back.quant[name][k]):
                 raise FormatError(f"internal error: quant {name} {k} did not survive packing")
+
+
+def reheader(data: bytes, header: str = "binary", source: str = "input", compress_header: bool = True) -> bytes:
+    """The same file with its header rewritten in another form ('binary': format 1.5, 'json': 1.0-1.4),
+    every section's bytes unchanged (so the tensors decode identically). The input is fully checked
+    (CRCs and decoding) first. Entropy figures of a JSON header are not carried into a binary one."""
+    from dcomp.formats.dcz.header import read_header
+    read_bytes(data, source=source)
+    hdr = read_header(data, source)
+    h = json.loads(json.dumps(hdr.h))
+    parts = [bytes(data[b:e]) for b, e, _ in hdr.sections]
+    for t in h["tensors"]:
+        for s in (t.get("gaps"), (t.get("values") or {}).get("indices")):
+            if isinstance(s, dict):
+                s.pop("entropy", None)
+    flags = hdr.flags & ~(FLAG_ZHEADER | FLAG_BINARY)
+    h["sections"] = []
+    if header == "binary":
+        align = BINARY_ALIGN if sum(len(p) for p in parts) >= BINARY_ALIGN_FROM else 0
+        body, parts = compact.encode(h, parts, align)
+        flags |= FLAG_BINARY
+        minor = 5
+    else:
+        align = 3
+        offset = 0
+        for part in parts:
+            h["sections"].append([offset, offset + len(part), zlib.crc32(part)])
+            offset = _align(offset + len(part))
+        body = json.dumps(h, separators=(",", ":")).encode("utf-8")
+        minor = 4 if flags & FLAG_CABAC else 3 if flags & FLAG_ANS else 2
+    stored, usize = body, 0
+    if compress_header:
+        z = compact.compress(body) if header == "binary" else zlib.compress(body, 9)
+        if len(z) < len(body):
+            stored, flags, usize = z, flags | FLAG_ZHEADER, len(body)
+    out = bytearray(DCZ_MAGIC + struct.pack("<HHIQII", MAJOR, minor, flags, len(stored), zlib.crc32(stored), usize))
+    out += stored
+    out += b"\0" * (compact._align(len(out), align) - len(out))
+    for i, part in enumerate(parts):
+        out += part
+        if i + 1 < len(parts):
+            out += b"\0" * (compact._align(len(out), align) - len(out))
+    return bytes(out)
