@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,15 +87,23 @@ def breakdown(info: dict) -> dict:
     return parts
 
 
-def run_case(case: str, seed: int, work: Path) -> dict:
+def run_case(case: str, seed: int, work: Path, dense_from: Path | None = None) -> dict:
     arch, recipe, data, epochs, overrides, target, budget = CASES[case]
     work.mkdir(parents=True, exist_ok=True)
     base = work / f"{case}-s{seed}-dense.pt"
     out = work / f"{case}-s{seed}.dcz"
     t0 = time.perf_counter()
     extra = ["--resize", "28"] if arch == "lenet-5" else []
-    dense = json.loads(dcomp("--seed", str(seed), "train", "--arch", arch, "--data", data, *extra, "--epochs",
-                             str(epochs), "-o", str(base), "--json"))
+    reused = dense_from / base.name if dense_from is not None else None
+    if reused is not None and reused.is_file():
+        # the dense model an earlier run of this script trained (same seed, data, epochs): evaluated again
+        if reused.resolve() != base.resolve():
+            shutil.copyfile(reused, base)
+        dense = {"test": json.loads(dcomp("eval", str(base), "--data", data, *extra, "--json")),
+                 "reused": str(reused)}
+    else:
+        dense = json.loads(dcomp("--seed", str(seed), "train", "--arch", arch, "--data", data, *extra, "--epochs",
+                                 str(epochs), "-o", str(base), "--json"))
     t_dense = time.perf_counter() - t0
     sets = [a for o in overrides for a in ("--set", o)]
     summary = json.loads(dcomp("--seed", str(seed), "run", recipe, "--model", str(base), "--data", data, *sets,
@@ -115,6 +124,8 @@ def run_case(case: str, seed: int, work: Path) -> dict:
                                      "index_bits": lay["index_bits"]} for lay in info["layers"]},
             "target_ratio": target, "budget_points": budget,
             "seconds_dense": round(t_dense, 1), "seconds_recipe": round(t_run, 1),
+            **({"dense_reused": dense["reused"]} if "reused" in dense else {}),
+            "resumed_stages": sum(bool(s.get("resumed")) for s in summary.get("stages", [])),
             "loadavg": list(os.getloadavg()), "commit": _commit()}
 
 
@@ -219,10 +230,18 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--work", default="/tmp/dcomp-bench-max")
+    ap.add_argument("--dense-from", default=None, help="folder of dense models an earlier run trained "
+                    "(CASE-sSEED-dense.pt): evaluate and reuse them instead of training again")
+    ap.add_argument("--mnist", default=None, help=f"path of mnist10k.npz (default {DATA}); give the one an "
+                    "earlier run used to resume its work directory")
     ap.add_argument("--report", action="store_true", help="print the tables from the jsonl, run nothing")
     ap.add_argument("--repack", action="store_true", help="re-pack every finished run's quantized checkpoint with "
                     "this tree's writer and record the bytes beside the original ones (no training)")
     args = ap.parse_args()
+    if args.mnist:  # the same file under another path: stage keys of `dcomp run` hash the --data text
+        for case, spec in CASES.items():
+            if spec[2].startswith("npz:"):
+                CASES[case] = (*spec[:2], f"npz:{args.mnist}", *spec[3:])
     out = Path(args.out)
     if args.repack:
         rows = load(out)
@@ -236,7 +255,7 @@ def main() -> None:
             for seed in (int(s) for s in args.seeds.split(",")):
                 if any(r["case"] == case and r["seed"] == seed for r in load(out)):
                     continue
-                row = run_case(case, seed, Path(args.work))
+                row = run_case(case, seed, Path(args.work), Path(args.dense_from) if args.dense_from else None)
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(f"{case} seed {seed}: {row['file_bytes']:,} B {row['ratio']:.1f}x, top-1 {row['top1']:.2f}% "
