@@ -214,12 +214,18 @@ def report(rows: list[dict]) -> str:
         lines += ["", f"Target >= {target}x within {budget} points (mean of 3 seeds, every seed within "
                       f"{max(0.5, budget)}): {verdict} — smallest ratio {min_ratio:.1f}x, mean change "
                       f"{mean_delta:+.2f}, worst seed {worst:+.2f}, {len(rs)} seed(s); load average "
-                      f"{min(r['loadavg'][0] for r in rs):.1f}-{max(r['loadavg'][0] for r in rs):.1f}.", ""]
+                      f"{min(min(_loads(r)) for r in rs):.1f}-{max(max(_loads(r)) for r in rs):.1f}.", ""]
         if rs[0]["arch"] in LITERATURE and "digits" not in case:
             lines += ["| published (60,000 training images) | ratio | accuracy |", "|---|---:|---|"]
             lines += [f"| {n} | {x} | {a} |" for n, x, a in LITERATURE[rs[0]["arch"]]]
             lines.append("")
     return "\n".join(lines)
+
+
+def _loads(r: dict) -> list[float]:
+    """1-minute load averages of the row: where its stages were resumed from a work directory, the ones
+    logged while they ran (``loadavg_runs``), else the one at the end of the case."""
+    return r.get("loadavg_runs") or [r["loadavg"][0]]
 
 
 def _orig(r: dict) -> str:
