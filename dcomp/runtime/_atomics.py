@@ -31,17 +31,22 @@ def _int64_array(arr) -> bool:
     return isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1
 
 
-@intrinsic
-def atomic_add(typingctx, arr, idx, val):
-    """``arr[idx] += val`` atomically (sequentially consistent); returns the value before."""
-    if not _int64_array(arr):
-        return None
-    sig = types.int64(arr, types.intp, types.int64)
+def _rmw(op: str):
+    """An intrinsic ``f(arr, idx, val)``: LLVM's ``atomicrmw op`` on ``arr[idx]`` (int64, 1-D),
+    sequentially consistent; returns the value before."""
+    def typer(typingctx, arr, idx, val):
+        if not _int64_array(arr):
+            return None
 
-    def codegen(context, builder, signature, args):
-        ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
-        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+            return builder.atomic_rmw(op, ptr, args[2], "seq_cst")
+        return types.int64(arr, types.intp, types.int64), codegen
+    return intrinsic(typer)
+
+
+atomic_add = _rmw("add")    # arr[idx] += val; returns the value before
+atomic_store = _rmw("xchg")  # arr[idx] = val (an exchange); returns the value before
 
 
 @intrinsic
@@ -54,19 +59,6 @@ def atomic_load(typingctx, arr, idx):
     def codegen(context, builder, signature, args):
         ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
         return builder.load_atomic(ptr, "seq_cst", 8)
-    return sig, codegen
-
-
-@intrinsic
-def atomic_store(typingctx, arr, idx, val):
-    """``arr[idx] = val`` atomically (an exchange, sequentially consistent)."""
-    if not _int64_array(arr):
-        return None
-    sig = types.int64(arr, types.intp, types.int64)
-
-    def codegen(context, builder, signature, args):
-        ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
-        return builder.atomic_rmw("xchg", ptr, args[2], "seq_cst")
     return sig, codegen
 
 
