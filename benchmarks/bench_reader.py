@@ -41,7 +41,7 @@ def best(fn, n=5):
     return min(ts)
 
 
-def coders(quick: bool) -> None:
+def coders(quick: bool, rounds: int = 5) -> None:
     import statistics
 
     from bench_pack import big_model
@@ -67,14 +67,14 @@ def coders(quick: bool) -> None:
         fn()
     ts = {k: [] for k in runs}
     load0 = os.getloadavg()
-    for _ in range(5):
+    for _ in range(rounds):
         for k, fn in runs.items():
             t = time.perf_counter()
             fn()
             ts[k].append(time.perf_counter() - t)
     load1 = os.getloadavg()
     base_b, base_m = min(ts["torch.load"]), statistics.median(ts["torch.load"])
-    print(f"# {params:,} parameters (4 x {size}x{size} Linear, 90% pruned, 5-bit k-means); one thread; "
+    print(f"# {params:,} parameters (4 x {size}x{size} Linear, 90% pruned, 5-bit k-means); one thread; {rounds} rounds; "
           f"load average {load0[0]:.1f} -> {load1[0]:.1f} on {os.cpu_count()} CPUs\n")
     print("| file | bytes | stream codings | decode best / median | vs torch.load best / median |")
     print("|---|---:|---|---:|---:|")
@@ -91,13 +91,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--coders", action="store_true", help="decode time per stream coder vs torch.load")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --coders")
     ap.add_argument("--file", help="a .dcz to decode (written by --write if missing)")
     ap.add_argument("--ckpt", help="a checkpoint file to load")
     ap.add_argument("--write", action="store_true", help="build the model and write --file and --ckpt")
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.coders:
-        coders(a.quick)
+        coders(a.quick, a.rounds)
         return
     if a.write:
         from bench_pack import big_model
