@@ -499,6 +499,8 @@ class RunState:
     current: Checkpoint
     packed: bytes | None = None
     sweep: dict[str, Any] | None = None   # the last sweep stage's document (prune max_drop reads it)
+    workdir: Path | None = None           # where stages may keep resume files of their own (search)
+    fresh: bool = False                   # --fresh: such files start over too
 
 
 def run_recipe(recipe: Recipe, model_bytes: bytes, source: str, workdir: Path, ctx: StageContext,
@@ -527,7 +529,7 @@ def _run_locked(recipe: Recipe, model_bytes: bytes, workdir: Path, ctx: StageCon
         log.unlink()
     keys = stage_keys(recipe, _sha(model_bytes), settings)
     done = _read_log(log)
-    state = RunState(input_ckpt, model_bytes, input_ckpt)
+    state = RunState(input_ckpt, model_bytes, input_ckpt, workdir=workdir, fresh=fresh)
     records: list[RunRecord] = []
     resuming = True
     for s, key in zip(recipe.stages, keys):
@@ -723,8 +725,14 @@ def _run_factorize(ckpt, s, ctx, state):
 
 def _run_search(ckpt, s, ctx, state):
     from dcomp.compressors.metaprune.apply import apply_search
+    from dcomp.compressors.metaprune.store import SearchStore
 
-    r = apply_search(ckpt, s.config, ctx)
+    # scored candidates and the PruningNet in the work directory: a run interrupted mid-search
+    # (or a stage rerun because its output was lost) reuses them
+    wd = state.workdir
+    with SearchStore(wd / f"{s.index:02d}-search.jsonl" if wd else None,
+                     wd / f"{s.index:02d}-pruningnet.pt" if wd else None, state.fresh) as store:
+        r = apply_search(ckpt, s.config, ctx, **store.hooks())
     return r.checkpoint, None, {k: v for k, v in r.metrics.items() if k != "candidates"}
 
 

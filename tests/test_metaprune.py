@@ -249,6 +249,19 @@ def test_recipe_stage_search(cli, vgg8_path, tmp_path):
     ck = read_checkpoint(out.read_bytes())
     assert [p["stage"] for p in ck.provenance][-2:] == ["search", "retrain"]
     assert ck.param_count() < read_checkpoint(vgg8_path.read_bytes()).param_count()
+    # the stage keeps its scored candidates and PruningNet in the work directory: a rerun of the
+    # stage (here: its output lost) scores nothing again and trains no PruningNet again
+    work = tmp_path / "o.pt.work"
+    log = work / "00-search.jsonl"
+    first = [json.loads(line) for line in log.read_text().splitlines()]
+    assert first and (work / "00-pruningnet.pt").is_file()
+    (work / "00-search.pt").unlink()
+    r = cli("run", recipe, "--model", vgg8_path, "--data", "digits", "-o", out, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert len(log.read_text().splitlines()) == len(first)  # nothing new scored
+    stage = next(st for st in json.loads(r.stdout)["stages"] if st["stage"] == "search")
+    assert stage["metrics"]["reused"] >= stage["metrics"]["evaluated"] > 0  # every lookup a hit
+    assert not stage["metrics"]["pruningnet_trained"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: s\nstages:\n  - stage: search\n    max_macs: 0.5x\n    populaton: 4\n")
     r = cli("run", bad, "--model", vgg8_path, "--data", "digits", "-o", out)

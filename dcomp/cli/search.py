@@ -25,7 +25,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -103,43 +102,15 @@ def search(
     ckpt = common.load_checkpoint(inp, arch, arch_kwargs, data, resize)
     ds = common.dataset_for(ckpt, data, resize)
 
-    cache = {} if fresh else read_log(log_path)
-    saved = None if fresh else read_pruningnet(pn_path)
-    log_file = None
-
-    def on_record(rec: dict) -> None:
-        nonlocal log_file
-        if log_path is None:
-            return
-        if log_file is None:
-            log_file = open(log_path, "w" if fresh else "a", encoding="utf-8")
-        log_file.write(json.dumps(rec) + "\n")
-        log_file.flush()
-
-    def on_pruningnet(state: dict) -> None:
-        if pn_path is None:
-            return
-        import io
-
-        import torch
-
-        from dcomp.atomic import atomic_write
-
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write(pn_path, buf.getvalue())
-
     from dcomp.compressors.metaprune.apply import apply_search
+    from dcomp.compressors.metaprune.store import SearchStore
 
     con = common.console()
-    try:
+    with SearchStore(log_path, pn_path, fresh) as store:
         result = apply_search(ckpt, cfg, StageContext(data=ds, console=con, seed=common.state.seed,
                                                       trust_pickle=common.state.trust_pickle,
                                                       threads=getattr(common.state, "threads", None)),
-                              cache=cache, on_record=on_record, pruningnet=saved, on_pruningnet=on_pruningnet)
-    finally:
-        if log_file is not None:
-            log_file.close()
+                              **store.hooks())
     m = result.metrics
     dest = sink.write(result.checkpoint.to_bytes())
     written = {"checkpoint": dest}
@@ -151,32 +122,6 @@ def search(
         written["log"] = str(log_path)
     summary = {"outputs": written, **{k: v for k, v in m.items() if k != "candidates"}}
     common.emit(summary, lambda c: render(c, m, written))
-
-
-def read_log(path: Path | None) -> dict[str, dict]:
-    """Scored candidates of earlier runs (key:genes -> record); a torn last line is skipped."""
-    cache: dict[str, dict] = {}
-    if path is None or not path.is_file():
-        return cache
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-            cache[f"{r['key']}:{','.join(str(int(g)) for g in r['genes'])}"] = r
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-    return cache
-
-
-def read_pruningnet(path: Path | None) -> dict | None:
-    if path is None or not path.is_file():
-        return None
-    import torch
-
-    try:
-        doc = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception:  # noqa: BLE001 - a torn or foreign file: train again
-        return None
-    return doc if isinstance(doc, dict) and "key" in doc and "state" in doc else None
 
 
 def render(c, m: dict, written: dict) -> None:
