@@ -26,6 +26,7 @@ from dcomp.compressors import huffman as hf
 from dcomp.errors import DcompError, FormatError
 from dcomp.formats import DCZ_MAGIC, dcz
 from dcomp.formats.checkpoint import Checkpoint, read_checkpoint
+from dcomp.formats.dcz.errors import DczError
 
 warnings.filterwarnings("ignore", module=r"torch\..*")   # the weights-only unpickler warns about odd protocols
 warnings.filterwarnings("ignore", category=UserWarning, message=".*pickle protocol.*")
@@ -128,6 +129,39 @@ def frame(h: dict, area: bytes, flags: int, compress: bool | None = None, fix_cr
     out = pre + stored
     out += b"\0" * (-len(out) % 8)
     return out + area
+
+
+def edit(data: bytes, fn) -> bytes:
+    """``data`` (a JSON-header .dcz) with ``fn(header, area)`` applied to its header dict and data
+    area (a bytearray), lengths and CRCs recomputed."""
+    h, area, flags = split(data)
+    area = bytearray(area)
+    fn(h, area)
+    return frame(h, bytes(area), flags)
+
+
+def check_mutated_stream(data: bytes, record, fields: list[str], pool: list, rounds: int, shape: tuple,
+                         tensor: str = "fc.weight") -> None:
+    """``rounds`` edits of one stream of ``data`` (``record(header, i)`` picks its record): on odd
+    rounds one of ``fields`` set to a value of ``pool``, then 1-3 bytes of its section set at random,
+    CRCs fixed. Every file must decode (``tensor`` at ``shape``) or raise one one-line DczError
+    naming the file."""
+    for i in range(rounds):
+        rng = np.random.default_rng(i)
+
+        def mutate(h, area):
+            rec = record(h, i)
+            if i % 2:
+                rec[str(rng.choice(fields))] = pool[int(rng.integers(len(pool)))]
+            b, e, _ = h["sections"][rec["section"]] if isinstance(rec.get("section"), int) else (0, 1, 0)
+            for _ in range(1 + i % 3):
+                area[int(rng.integers(b, e))] = int(rng.integers(256))
+        try:
+            back = dcz.read_bytes(edit(data, mutate), "m.dcz")
+        except DczError as e:
+            assert "\n" not in str(e) and str(e).startswith("m.dcz: ")
+        else:
+            assert back.state_dict[tensor].shape == shape
 
 
 # ---- value pools for mutations -------------------------------------------------------------------
