@@ -196,3 +196,23 @@ def test_an_interrupt_wrapped_by_a_library_still_reads_as_interrupted(monkeypatc
     monkeypatch.setattr(signals, "_received", [signal.SIGTERM])
     cut = signals.interrupt_behind(ValueError("chain cut by a compiled library"))
     assert signals.exit_code(cut) == 143
+
+
+def test_a_signal_inside_importlib_is_held_then_delivered(monkeypatch):
+    """A signal that interrupts importlib's own code (where a raised exception can be swallowed as
+    "Exception ignored") is held and delivered by the timer once the frame is ordinary code."""
+    from types import SimpleNamespace
+
+    from dcomp.cli import signals
+
+    monkeypatch.setattr(signals, "_pending", [])
+    monkeypatch.setattr(signals, "_received", [])
+    monkeypatch.setattr(signals.signal, "setitimer", lambda *a: None)  # no real SIGALRM in the test
+    in_importlib = SimpleNamespace(f_code=SimpleNamespace(co_filename="<frozen importlib._bootstrap>"))
+    signals._raise(signal.SIGTERM, in_importlib)  # held: no exception here
+    assert signals._pending == [signal.SIGTERM] and signals._received == [signal.SIGTERM]
+    signals._deliver(signal.SIGALRM, in_importlib)  # still inside: held again
+    assert signals._pending == [signal.SIGTERM]
+    with pytest.raises(signals.Terminated) as e:
+        signals._deliver(signal.SIGALRM, sys._getframe())
+    assert e.value.signum == signal.SIGTERM and signals._pending == []

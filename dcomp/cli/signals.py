@@ -6,8 +6,9 @@ signal during the imports is handled too. Each signal becomes a ``KeyboardInterr
 its temporary file on the way (dcomp.atomic), and the CLI prints one line, ``interrupted``
 (``interrupted (SIGTERM)``), and exits 128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM.
 
-A signal that arrives while torch is being imported is held until the import is done (torch's
-C++ initialisation calls back into Python, and an exception raised there aborts the process).
+A signal that arrives while torch is being imported, or inside importlib's own code, is held
+until the import is done (torch's C++ initialisation calls back into Python, and an exception
+raised there aborts the process; importlib runs callbacks whose exceptions are only printed).
 Once a command's output has been renamed into place (``committed()``), or the command has
 ended (``finishing()``), later signals are ignored: an output that exists is complete and the
 exit status is the command's.
@@ -41,6 +42,18 @@ def _torch_importing() -> bool:
     return bool(getattr(spec, "_initializing", False))
 
 
+def _in_import_machinery(frame) -> bool:
+    """True when the signal interrupted importlib's own code: an exception raised there can land in
+    a callback whose errors Python only prints ("Exception ignored in ... _get_module_lock"), and
+    the interrupt would be lost (seen: a train run that went on after its SIGTERM)."""
+    code = getattr(frame, "f_code", None)
+    return code is not None and code.co_filename.startswith("<frozen importlib")
+
+
+def _hold(frame) -> bool:
+    return _torch_importing() or _in_import_machinery(frame)
+
+
 def _unwind(signum: int):
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
@@ -49,7 +62,7 @@ def _unwind(signum: int):
 
 def _raise(signum, frame):
     _received.append(signum)
-    if _torch_importing():  # hold it; the SIGALRM below delivers it once the import is done
+    if _hold(frame):  # hold it; the SIGALRM below delivers it once the import is done
         _pending.append(signum)
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         return
@@ -59,7 +72,7 @@ def _raise(signum, frame):
 def _deliver(signum, frame):
     if not _pending:
         return
-    if _torch_importing():
+    if _hold(frame):
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         return
     _unwind(_pending.pop(0))
