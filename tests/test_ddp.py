@@ -22,7 +22,7 @@ def _torchrun(args, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     if r.returncode != 0 and "exitcode: -6" in r.stderr:
-        # a rank aborted (SIGABRT) inside torch's gloo/c10d layer: seen twice in ~30 full suites,
+        # a rank aborted (SIGABRT) inside torch's gloo/c10d layer: seen twice in about 10 full suites,
         # only while other tests loaded the machine, never alone (0 of 18 runs, idle or with two
         # busy processes); not root-caused. Run once more; a second failure is reported as it is.
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
